@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would otherwise hang ~30 s
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# A model and schedule small enough for end-to-end tests on a 2-core CPU (seconds).
+TINY = [
+    "model.llm.config.hidden_size=64", "model.llm.config.intermediate_size=128",
+    "model.llm.config.num_hidden_layers=2", "model.llm.config.num_attention_heads=2",
+    "model.llm.config.num_key_value_heads=2",
+    "model.vision.config.hidden_size=32", "model.vision.config.intermediate_size=64",
+    "model.vision.config.num_hidden_layers=3", "model.vision.config.num_attention_heads=2",
+    "model.vision.config.image_size=32", "model.vision.config.patch_size=8",
+    "shapes.n_caption=48", "shapes.n_instruct=48", "shapes.n_eval=12",
+    "eval.bench=[]",
+]
+
+
+def tiny_stages(recipe_stages=("pretrain", "share", "finetune"), steps=3, batch=8, micro=4):
+    out = []
+    for s in recipe_stages:
+        out += [f"stages.{s}.max_steps={steps}", f"stages.{s}.batch_size={batch}",
+                f"stages.{s}.micro_batch_size={micro}", f"stages.{s}.max_len=128"]
+    return out
+
+
+@pytest.fixture
+def tiny_overrides():
+    return TINY + tiny_stages()

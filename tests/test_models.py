@@ -1,0 +1,126 @@
+"""The model factory on tiny random models of the real architecture classes."""
+
+import pytest
+import torch
+
+from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
+from tinylmm.models.connectors import CONNECTORS, build_connector
+from tinylmm.models.lmm import build_model, load
+from tinylmm.models.loading import ModelNotFoundError
+from tinylmm.models.vision import build_vision
+
+TOK = "builtin:toy"
+LLMS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2),
+    "stablelm": dict(model_type="stablelm", num_key_value_heads=2),
+    "phi": dict(model_type="phi", num_key_value_heads=2, partial_rotary_factor=0.5),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=1),
+}
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=2, image_size=32, patch_size=8)
+CLIP = dict(SIGLIP, model_type="clip_vision_model")
+
+
+def spec(llm="llama", vision=SIGLIP, connector="mlp2x_gelu", **conn):
+    cfg = dict(vocab_size=520, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+               pad_token_id=3, **LLMS[llm])
+    return ModelSpec(llm=LLMSpec(config=cfg, tokenizer=TOK), vision=VisionSpec(config=dict(vision)),
+                     connector=ConnectorSpec(type=connector, **conn), template="llama")
+
+
+@pytest.mark.parametrize("vision, has_cls", [(SIGLIP, False), (CLIP, True)])
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+def test_feature_layer_and_selection_match_full_tower(vision, has_cls, layer):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cls_cfg, cls_model = (CLIPVisionConfig, CLIPVisionModel) if has_cls else (SiglipVisionConfig, SiglipVisionModel)
+    full = cls_model(cls_cfg(**{k: v for k, v in vision.items() if k != "model_type"})).eval()
+    tower = build_vision(VisionSpec(config=dict(vision), feature_layer=layer, select="patch")).eval()
+    # copy weights of the kept part of the full tower into the cut tower
+    state = {k: v for k, v in full.state_dict().items() if k in tower.model.state_dict()}
+    missing = tower.model.load_state_dict(state, strict=False)
+    assert not [m for m in missing.missing_keys if "post_layernorm" not in m and "head" not in m]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = full(pixel_values=x, output_hidden_states=True).hidden_states[layer]
+        got = tower(x)
+    # CLIP's patch selection drops the CLS token; SigLIP has none and keeps all 16 patches
+    assert got.shape[1] == 16 and tower.num_patches == 16
+    torch.testing.assert_close(got, want[:, 1:] if has_cls else want)
+    expected_layers = {-2: 2, -1: 3, 1: 1}[layer]
+    assert len(tower.layers) == expected_layers
+
+
+def test_clip_cls_patch_keeps_cls():
+    tower = build_vision(VisionSpec(config=dict(CLIP), select="cls_patch"))
+    assert tower(torch.randn(1, 3, 32, 32)).shape[1] == 17 == tower.num_patches
+
+
+@pytest.mark.parametrize("name", list(CONNECTORS))
+def test_connectors(name):
+    conn = build_connector(ConnectorSpec(type=name, num_queries=5, depth=2, num_heads=4), 32, 64)
+    out = conn(torch.randn(2, 16, 32))
+    assert out.shape == (2, conn.output_len(16), 64)
+    assert conn.output_len(16) == (5 if name == "resampler" else 16)
+
+
+def test_unknown_connector_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'resampler'"):
+        build_connector(ConnectorSpec(type="resampeler"), 8, 8)
+
+
+@pytest.mark.parametrize("llm", list(LLMS))
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "resampler"])
+def test_forward_backward_generate_save_load(llm, connector, tmp_path):
+    from PIL import Image
+
+    model, proc = build_model(spec(llm, connector=connector, num_queries=6, num_heads=4))
+    img = Image.new("RGB", (40, 30), (200, 10, 10))
+    turns = [("human", "<image>\nWhat color is the circle?"), ("gpt", "red"), ("human", "And the shape?"), ("gpt", "circle")]
+    enc = proc.encode(turns, num_images=1)
+    assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens
+    ids = torch.tensor([enc.input_ids])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([enc.labels]),
+                 pixel_values=proc.image_processor(img)[None])
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.connector.parameters().__next__().grad is not None
+    assert out.num_tokens == sum(1 for x in enc.labels[1:] if x != -100)
+
+    model.eval()
+    prompt = proc.prompt([("human", "<image>\nWhat color is the circle?")], [img])
+    cached = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, use_cache=True)
+    uncached = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, use_cache=False)
+    assert cached.shape == (1, 6)
+    torch.testing.assert_close(cached, uncached)  # the KV cache path agrees with recomputation
+
+    model.save(tmp_path / "ck", proc)
+    again, proc2 = load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**prompt).logits, model(**prompt).logits)
+    assert proc2.num_image_tokens == proc.num_image_tokens
+
+
+def test_text_only_sample_and_mixed_batch():
+    from tinylmm.processor import collate
+
+    model, proc = build_model(spec())
+    a = proc.encode([("human", "<image>\nhi"), ("gpt", "red")], num_images=1)
+    b = proc.encode([("human", "just text"), ("gpt", "blue")], num_images=0)
+    batch = collate([b, a], [torch.zeros(3, 32, 32)], proc.tokenizer.pad_token_id)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+
+
+def test_missing_weights_fail_fast_with_the_name(tmp_path):
+    import time
+
+    s = ModelSpec(llm=LLMSpec(name_or_path="nobody/no-such-llm"), vision=VisionSpec(name_or_path=str(tmp_path / "nothere")))
+    t = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="nobody/no-such-llm") as err:
+        build_model(s)
+    assert time.perf_counter() - t < 10
+    assert "HF_HUB_OFFLINE" in str(err.value) and "--local-dir" in str(err.value)

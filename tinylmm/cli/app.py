@@ -1,0 +1,33 @@
+"""The `tinylmm` console script. Each command is argument parsing + a library call + rich
+output; the ML stack is imported inside the commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from tinylmm.cli import chat, evaluate, registry, train
+
+app = typer.Typer(
+    name="tinylmm",
+    help="Small Large Multimodal Models: train in stages, chat, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train.train)
+app.command("chat")(chat.chat)
+app.command("eval")(evaluate.evaluate)
+app.command("ls")(registry.ls)
+app.command("cp")(registry.cp)
+
+
+def main() -> None:
+    from tinylmm.cli.errors import run_cli
+
+    sys.exit(run_cli(app))
+
+
+if __name__ == "__main__":
+    main()

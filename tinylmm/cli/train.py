@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train(
+    overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. stages.finetune.lr=1e-4"),
+    preset: str = typer.Option("toy", "--preset", "-p", help="model preset (tinylmm ls presets)"),
+    recipe: str = typer.Option("share", "--recipe", "-r", help="recipe name or YAML file (tinylmm ls recipes)"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run directory (default runs/<preset>-<recipe>-<time>)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a saved config.yaml to run again (overrides still apply)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run in this directory"),
+    no_eval: bool = typer.Option(False, "--no-eval", help="skip the held-out evaluation after the last stage"),
+):
+    """Train a model through every stage of a recipe (default: toy preset, shapes data, share recipe)."""
+    from rich.console import Console
+
+    from tinylmm.api import train_run
+
+    console = Console(stderr=True)
+    result = train_run(preset=preset, recipe=recipe, overrides=overrides or [], output_dir=output_dir,
+                       config=config, resume=resume, evaluate=not no_eval, console=console)
+    if not result.is_main:
+        return
+    out = Console()
+    if result.eval:
+        out.print(f"held-out accuracy {result.eval['accuracy']:.1%} (chance {result.eval['chance']:.1%})")
+    out.print(f"final model: [bold]{result.final}[/bold]   try: tinylmm chat {result.final} --image IMG \"question\"")

@@ -1,0 +1,456 @@
+"""The typed run configuration and how it is assembled.
+
+One run is described by one `RunConfig`, built from layers applied in this order:
+
+    defaults (the dataclasses below)
+      <- preset  (model_zoo.yaml: the model, plus `stage_defaults` for small presets)
+      <- recipe  (a shipped recipes/*.yaml, or a user's recipe file)
+      <- preset stage_defaults (per stage name, e.g. the toy preset's short schedule;
+         shipped recipes only: a user's recipe file is taken as written)
+      <- user overrides (`key=value`, dotted; stages are addressed by name)
+
+Every key is checked against the schema: an unknown key is an error with a
+suggestion. The run saves the resolved config with, on each value, the layer that
+set it (see `dump_resolved`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key at fault."""
+
+
+def did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown(kind: str, name: str, options) -> ConfigError:
+    options = sorted(options)
+    return ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, options)}; known: {', '.join(options)}")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class LLMSpec:
+    name_or_path: str | None = None  # hub id or local directory (weights loaded from there)
+    config: dict | None = None  # inline architecture config: random init (toy preset, tests)
+    tokenizer: str | None = None  # hub id / directory / "builtin:toy"; default: name_or_path
+
+
+@dataclass
+class VisionSpec:
+    name_or_path: str | None = None
+    config: dict | None = None
+    feature_layer: int = -2  # hidden_states index: -2 = penultimate layer, as LLaVA/TinyLLaVA
+    select: Literal["patch", "cls_patch"] = "patch"  # patch drops CLS where the tower has one
+    image_size: int | None = None  # default: the tower's config
+    pad_to_square: bool = True  # pad with the mean colour before resizing (LLaVA "pad")
+    image_mean: list[float] | None = None  # default: preprocessor_config.json or the family's
+    image_std: list[float] | None = None
+
+
+@dataclass
+class ConnectorSpec:
+    type: str = "mlp2x_gelu"
+    num_queries: int = 64  # resampler: visual tokens per image
+    depth: int = 2  # resampler: cross-attention blocks
+    num_heads: int = 8  # resampler
+
+
+@dataclass
+class ModelSpec:
+    llm: LLMSpec = field(default_factory=LLMSpec)
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    connector: ConnectorSpec = field(default_factory=ConnectorSpec)
+    template: str = "phi"  # conversation format of the instruction stages
+    seed: int = 0  # initialisation of randomly initialised parts (connector, toy models)
+
+
+@dataclass
+class DataSpec:
+    """Where a stage's samples come from: a LLaVA-format JSON, or a split of `shapes`."""
+
+    json: str | None = None
+    images: str | None = None  # image folder the JSON's relative `image` paths start from
+    shapes: Literal["caption", "instruct"] | None = None
+
+
+@dataclass
+class StageConfig:
+    data: DataSpec = field(default_factory=DataSpec)
+    template: str | None = None  # None: the model's template; "pretrain" for caption alignment
+    # per component: frozen | full | partial:<first trainable layer> (N, -N from the end, or P%)
+    tune: dict[str, str] = field(
+        default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"}
+    )
+    lr: float = 2e-5
+    connector_lr: float | None = None  # own learning rate for the connector (default: lr)
+    vision_lr: float | None = None  # own learning rate for the vision tower (default: lr)
+    batch_size: int = 128  # global: micro_batch_size x processes x accumulation steps
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None  # stop early (optimizer steps); the schedule spans these
+    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 2048  # tokens, visual tokens included
+    save_every: int | None = None  # optimizer steps between step-N checkpoints
+
+
+@dataclass
+class ShapesConfig:
+    seed: int = 0
+    n_caption: int = 2000
+    n_instruct: int = 2000
+    n_eval: int = 300
+    image_size: int | None = None  # default: the vision tower's input size
+
+
+@dataclass
+class TrainConfig:
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0  # data order
+
+
+@dataclass
+class EvalConfig:
+    bench: list[str] = field(default_factory=lambda: ["shapes"])  # run after the last stage
+    batch_size: int = 32
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    preset: str = "toy"
+    recipe: str = "share"
+    output_dir: str | None = None  # default: runs/<preset>-<recipe>-<timestamp>
+    model: ModelSpec = field(default_factory=ModelSpec)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Keys whose value replaces the previous layer's as a whole instead of merging into it:
+# a stage that reads `{shapes: caption}` must not inherit the recipe's `json:` path.
+ATOMIC_KEYS = {"data", "config"}
+COMPONENTS = ("vision", "connector", "llm")
+
+
+# --------------------------------------------------------------------------- typed build
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(tp, value, where: str):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (it,) = typing.get_args(tp)
+        return [_coerce(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass `cls` from a mapping; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}.{key}'{did_you_mean(key, names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`stages.finetune.lr=1e-4` -> (["stages", "finetune", "lr"], 0.0001). Values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    # YAML 1.1 reads 1e-4 as a string; numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+class Layers:
+    """Merges mappings layer by layer and remembers which layer set each leaf."""
+
+    def __init__(self):
+        self.data: dict = {}
+        self.sources: dict[str, str] = {}
+
+    def apply(self, mapping: dict, source: str, prefix: tuple[str, ...] = ()):
+        node = self.data
+        for p in prefix:
+            node = node.setdefault(p, {})
+        self._merge(node, mapping, source, list(prefix))
+
+    def set(self, path: list[str], value, source: str):
+        node = self.data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{'.'.join(path)}': '{p}' is a value, not a section")
+            node = nxt
+        if isinstance(value, dict) and path[-1] not in ATOMIC_KEYS:
+            self._merge(node.setdefault(path[-1], {}), value, source, list(path))
+        else:
+            self._forget(path)
+            node[path[-1]] = value
+            self.sources[".".join(path)] = source
+
+    def _merge(self, node: dict, mapping: dict, source: str, path: list[str]):
+        for k, v in mapping.items():
+            sub = path + [str(k)]
+            if isinstance(v, dict) and k not in ATOMIC_KEYS and isinstance(node.get(k, {}), dict):
+                self._merge(node.setdefault(k, {}), v, source, sub)
+            else:
+                self._forget(sub)
+                node[k] = v
+                self.sources[".".join(sub)] = source
+
+    def _forget(self, path: list[str]):
+        prefix = ".".join(path) + "."
+        for key in [k for k in self.sources if k.startswith(prefix)]:
+            del self.sources[key]
+
+
+def default_stage_name_check(stages: dict, name: str, where: str):
+    if name not in stages:
+        raise unknown(f"stage in {where}", name, stages)
+
+
+def resolve(
+    preset: str = "toy",
+    recipe: str = "share",
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    output_dir: str | None = None,
+) -> tuple[RunConfig, dict[str, str]]:
+    """Assemble the run config from preset + recipe + overrides. Returns (config, sources)."""
+    from tinylmm import zoo
+    from tinylmm.recipes import load_recipe
+
+    parsed = [parse_override(o) for o in overrides]
+    # `preset=` / `recipe=` given as overrides choose the layers themselves.
+    for path, value in parsed:
+        if path == ["preset"]:
+            preset = str(value)
+        elif path == ["recipe"]:
+            recipe = str(value)
+
+    p = zoo.get(preset)
+    r = load_recipe(recipe)
+    layers = Layers()
+    layers.apply({"preset": p.name, "recipe": r.name}, "cli")
+    layers.apply({"model": p.model}, f"preset:{p.name}")
+    layers.apply({k: v for k, v in r.settings.items() if k != "stages"}, f"recipe:{r.name}")
+    layers.apply({"stages": r.stages}, f"recipe:{r.name}")
+    # A preset's stage defaults adapt the *shipped* recipes to it (the toy's CPU schedule on
+    # the shapes data). A recipe file of the user's is taken as written.
+    if r.shipped:
+        for stage, values in p.stage_defaults.items():
+            if stage in r.stages:  # a preset may tune stages the chosen recipe does not have
+                layers.apply(values, f"preset:{p.name}", ("stages", stage))
+    for key, value in p.settings.items():
+        layers.apply({key: value}, f"preset:{p.name}")
+    for path, value in parsed:
+        if path in (["preset"], ["recipe"]):
+            continue
+        if path[0] == "stages" and len(path) >= 2:
+            default_stage_name_check(r.stages, path[1], "override")
+        layers.set(path, value, "override")
+    if output_dir is not None:
+        layers.set(["output_dir"], output_dir, "cli")
+    cfg = from_dict(RunConfig, layers.data)
+    validate(cfg)
+    return cfg, layers.sources
+
+
+def validate(cfg: RunConfig) -> None:
+    from tinylmm.data.templates import TEMPLATES
+    from tinylmm.models.connectors import CONNECTORS
+
+    if cfg.model.connector.type not in CONNECTORS:
+        raise unknown("connector", cfg.model.connector.type, CONNECTORS)
+    if cfg.model.template not in TEMPLATES:
+        raise unknown("template", cfg.model.template, TEMPLATES)
+    if not cfg.stages:
+        raise ConfigError("the recipe has no stages")
+    for name, st in cfg.stages.items():
+        where = f"stages.{name}"
+        if st.template is not None and st.template not in TEMPLATES:
+            raise unknown(f"template in {where}.template", st.template, TEMPLATES)
+        for comp in st.tune:
+            if comp not in COMPONENTS:
+                raise unknown(f"component in {where}.tune", comp, COMPONENTS)
+        for comp in COMPONENTS:
+            st.tune.setdefault(comp, "frozen")
+            parse_trainability(st.tune[comp], f"{where}.tune.{comp}")
+        if (st.data.json is None) == (st.data.shapes is None):
+            raise ConfigError(f"{where}.data: give exactly one of 'json' (with 'images') or 'shapes'")
+        if st.batch_size % st.micro_batch_size:
+            raise ConfigError(
+                f"{where}: batch_size {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size}"
+            )
+        if st.lr <= 0 or st.epochs <= 0 or st.max_len <= 0:
+            raise ConfigError(f"{where}: lr, epochs and max_len must be positive")
+        if not 0 <= st.warmup_ratio < 1:
+            raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Trainability:
+    mode: Literal["frozen", "full", "partial"]
+    first_layer: str | None = None  # "12", "-2" or "50%" (resolved against the tower's depth)
+
+    def first_index(self, num_layers: int, where: str = "") -> int:
+        spec = self.first_layer or "0"
+        if spec.endswith("%"):
+            idx = round(num_layers * float(spec[:-1]) / 100)
+        else:
+            idx = int(spec)
+            if idx < 0:
+                idx += num_layers
+        if not 0 <= idx < num_layers:
+            raise ConfigError(
+                f"{where}: partial:{spec} asks for layer {idx}, but the component has "
+                f"{num_layers} layers (use partial:-N or partial:P% for small towers)"
+            )
+        return idx
+
+
+def parse_trainability(text: str, where: str = "tune") -> Trainability:
+    text = str(text).strip()
+    if text in ("frozen", "full"):
+        return Trainability(text)
+    if text.startswith("partial:"):
+        spec = text.split(":", 1)[1].strip()
+        try:
+            float(spec[:-1]) if spec.endswith("%") else int(spec)
+        except ValueError:
+            raise ConfigError(f"{where}: '{text}' needs a layer index, e.g. partial:12, partial:-2 or partial:50%") from None
+        return Trainability("partial", spec)
+    raise ConfigError(f"{where}: '{text}' is not one of frozen, full, partial:<layer>{did_you_mean(text, ['frozen', 'full', 'partial:'])}")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def dump_resolved(cfg: RunConfig, sources: dict[str, str], path: Path) -> None:
+    """Write the resolved config as YAML, each value annotated with the layer that set it."""
+    lines = [
+        "# tinylmm resolved run config. Layers, later wins: defaults < preset < recipe <",
+        "# preset stage_defaults < override. The comment on a value names the layer that set it",
+        "# (no comment: the default). Re-run with: tinylmm train --config THIS_FILE",
+    ]
+
+    def emit(node: dict, indent: int, prefix: str):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            pad = "  " * indent
+            if isinstance(v, dict) and v and k not in ATOMIC_KEYS:
+                src = sources.get(key)
+                lines.append(f"{pad}{k}:" + (f"  # {src}" if src else ""))
+                emit(v, indent + 1, key + ".")
+            else:
+                src = sources.get(key)
+                lines.append(f"{pad}{k}: {_flow(v)}" + (f"  # {src}" if src else ""))
+
+    emit(to_dict(cfg), 0, "")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _flow(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def load_resolved(path: Path) -> RunConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    cfg = from_dict(RunConfig, data, where=str(path))
+    validate(cfg)
+    return cfg

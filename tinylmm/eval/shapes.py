@@ -1,0 +1,61 @@
+"""The held-out `shapes` benchmark: one question per image, greedy answers, exact match
+after normalisation (case, surrounding spaces and final punctuation), per question type,
+with the chance level of each type (1 / number of possible answers)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tinylmm.generation import generate_batch
+
+
+def normalize(text: str) -> str:
+    return text.strip().lower().rstrip(".!?").strip()
+
+
+def evaluate_shapes(model, processor, shapes_root: Path, cfg=None, *, out: Path | None = None,
+                    batch_size: int | None = None, max_new_tokens: int | None = None) -> dict:
+    eval_json = Path(shapes_root) / "eval.json"
+    if not eval_json.exists():
+        raise FileNotFoundError(f"no shapes eval split at '{eval_json}'")
+    samples = json.loads(eval_json.read_text())
+    batch_size = batch_size or (cfg.eval.batch_size if cfg else 32)
+    max_new_tokens = max_new_tokens or (cfg.eval.max_new_tokens if cfg else 8)
+    records = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        convs, images = [], []
+        for s in chunk:
+            question = s["conversations"][0]["value"]
+            convs.append([("human", question)])
+            with Image.open(Path(shapes_root) / s["image"]) as im:
+                images.append([im.copy()])
+        answers = generate_batch(model, processor, convs, images, max_new_tokens=max_new_tokens)
+        for s, a in zip(chunk, answers):
+            records.append({"id": s["id"], "question_type": s["question_type"], "answer": s["answer"],
+                            "prediction": a, "correct": normalize(a) == normalize(s["answer"]),
+                            "chance": 1.0 / len(s["choices"])})
+    by_type = defaultdict(list)
+    for r in records:
+        by_type[r["question_type"]].append(r)
+    summary = {
+        "bench": "shapes",
+        "n": len(records),
+        "accuracy": sum(r["correct"] for r in records) / len(records),
+        "chance": sum(r["chance"] for r in records) / len(records),
+        "by_type": {
+            t: {"n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                "chance": sum(r["chance"] for r in rs) / len(rs)}
+            for t, rs in sorted(by_type.items())
+        },
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**summary, "predictions": records}, indent=2))
+    return summary

@@ -1,0 +1,38 @@
+"""Offline-first loading: a hub id or a local directory, and one clear message when missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _missing_message(what: str, name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    looked = f"the local directory '{name}'" if Path(name).exists() else (
+        f"a local directory '{name}' (none exists) and the Hugging Face hub id '{name}'"
+        + (" in the local cache only (HF_HUB_OFFLINE=1)" if offline else "")
+    )
+    return (
+        f"could not load the {what} '{name}': looked for {looked}.\n"
+        f"  Fix: download it once (huggingface-cli download {name} --local-dir DIR) and point "
+        f"tinylmm at DIR, e.g. `model.llm.name_or_path=DIR` or `model.vision.name_or_path=DIR`.\n"
+        f"  ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    )
+
+
+def from_pretrained_or_fail(cls, name: str, what: str, **kwargs):
+    """`cls.from_pretrained(name)`, turning any not-found/network failure into one message."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelNotFoundError(f"the {what} path '{name}' is a file; give its directory")
+    try:
+        return cls.from_pretrained(str(path) if path.exists() else name, **kwargs)
+    except (OSError, ValueError) as err:
+        # OSError: missing files / no cache entry; ValueError: transformers' "couldn't connect".
+        if isinstance(err, ValueError) and "connect" not in str(err).lower() and "offline" not in str(err).lower():
+            raise
+        raise ModelNotFoundError(_missing_message(what, name, err)) from None

@@ -1,0 +1,126 @@
+"""Vision towers: transformers' CLIP and SigLIP vision models, cut at the feature layer.
+
+LLaVA reads the penultimate layer (`feature_layer: -2`). Layers after the feature layer,
+the post-layernorm and SigLIP's pooling head never influence that output, so the tower
+drops them at build time: less compute and memory, and no parameters that would receive
+no gradient (which DDP rejects). A saved tower is therefore already cut, and is saved
+with `feature_layer: -1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from tinylmm.config import ConfigError, VisionSpec
+
+log = logging.getLogger(__name__)
+
+# Normalisation of the families, as in their preprocessor_config.json.
+FAMILY_MEAN_STD = {
+    "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+}
+
+
+def _vision_classes():
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    return {
+        "siglip_vision_model": (SiglipVisionConfig, SiglipVisionModel),
+        "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
+    }
+
+
+def _config_from_dict(config: dict):
+    classes = _vision_classes()
+    model_type = config.get("model_type")
+    if model_type not in classes:
+        from tinylmm.config import unknown
+
+        raise unknown("vision model_type", str(model_type), classes)
+    cfg_cls, _ = classes[model_type]
+    return cfg_cls(**{k: v for k, v in config.items() if k != "model_type"})
+
+
+class VisionTower(nn.Module):
+    def __init__(self, model: nn.Module, spec: VisionSpec):
+        super().__init__()
+        inner = getattr(model, "vision_model", model)  # older transformers nest the transformer
+        layers = inner.encoder.layers
+        total = len(layers)
+        keep = spec.feature_layer + total + 1 if spec.feature_layer < 0 else spec.feature_layer
+        if not 1 <= keep <= total:
+            raise ConfigError(
+                f"model.vision.feature_layer={spec.feature_layer} is outside the tower's {total} layers"
+            )
+        inner.encoder.layers = layers[:keep]
+        # Never used for the features: see the module docstring.
+        inner.post_layernorm = nn.Identity()
+        if hasattr(inner, "head"):
+            inner.head = nn.Identity()
+            inner.use_head = False
+        model.config.num_hidden_layers = keep
+        if hasattr(model.config, "vision_use_head"):
+            model.config.vision_use_head = False
+        self.model = model
+        self._inner = [inner]  # not a submodule twice
+        self.has_cls = hasattr(inner.embeddings, "class_embedding")
+        self.drop_cls = self.has_cls and spec.select == "patch"
+        self.spec = dataclasses.replace(spec, feature_layer=-1, image_size=model.config.image_size)
+        self.hidden_size = model.config.hidden_size
+        self.image_size = model.config.image_size
+        grid = model.config.image_size // model.config.patch_size
+        self.num_patches = grid * grid + (1 if self.has_cls and not self.drop_cls else 0)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._inner[0].encoder.layers
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        inner = self._inner[0]
+        h = inner.embeddings(pixel_values.to(inner.embeddings.patch_embedding.weight.dtype))
+        if hasattr(inner, "pre_layrnorm"):  # CLIP
+            h = inner.pre_layrnorm(h)
+        h = inner.encoder(inputs_embeds=h).last_hidden_state
+        return h[:, 1:] if self.drop_cls else h
+
+
+def build_vision(spec: VisionSpec, *, dtype=None, attn_implementation: str = "sdpa") -> VisionTower:
+    from tinylmm.models.loading import from_pretrained_or_fail
+
+    if spec.config is not None:
+        cfg = _config_from_dict(spec.config)
+        cfg._attn_implementation = attn_implementation
+        _, model_cls = _vision_classes()[cfg.model_type]
+        model = model_cls(cfg)
+        if dtype is not None:
+            model = model.to(dtype)
+    elif spec.name_or_path:
+        from transformers import AutoConfig
+
+        cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "vision tower")
+        cfg = getattr(cfg, "vision_config", cfg)  # a full CLIP/SigLIP checkpoint holds both towers
+        if cfg.model_type not in _vision_classes():
+            from tinylmm.config import unknown
+
+            raise unknown("vision model_type", cfg.model_type, _vision_classes())
+        _, model_cls = _vision_classes()[cfg.model_type]
+        model = from_pretrained_or_fail(
+            model_cls, spec.name_or_path, "vision tower", dtype=dtype, attn_implementation=attn_implementation
+        )
+    else:
+        raise ConfigError("model.vision needs 'name_or_path' (hub id or directory) or an inline 'config'")
+    return VisionTower(model, spec)
+
+
+def image_mean_std(spec: VisionSpec, model_type: str):
+    mean, std = FAMILY_MEAN_STD.get(model_type, ([0.5] * 3, [0.5] * 3))
+    return spec.image_mean or mean, spec.image_std or std

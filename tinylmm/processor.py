@@ -1,0 +1,164 @@
+"""Turning conversations and images into model inputs: tokenizer + image processor + template."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tinylmm.data.templates import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    Template,
+    TemplateError,
+    get_template,
+    tokenize_with_labels,
+)
+
+
+@dataclass
+class ImageProcessor:
+    """Resize to a square `size` (bicubic), optionally after padding to a square with the mean
+    colour (LLaVA's "pad" aspect mode), then normalise. PIL + numpy only."""
+
+    size: int
+    image_mean: list[float]
+    image_std: list[float]
+    pad_to_square: bool = True
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.pad_to_square and image.width != image.height:
+            side = max(image.width, image.height)
+            fill = tuple(int(round(m * 255)) for m in self.image_mean)
+            canvas = Image.new("RGB", (side, side), fill)
+            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = canvas
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / "image_processor.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> "ImageProcessor":
+        return cls(**json.loads((Path(directory) / "image_processor.json").read_text()))
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on; `reason` is a short category for the skip report."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+class Processor:
+    """Everything needed to feed the model: `<image>` is one token id expanded to
+    `num_image_tokens` positions per image, so lengths are known before the forward pass."""
+
+    def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template_name = template
+        self.num_image_tokens = num_image_tokens
+        ensure_image_token(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # only used for padding; labels mask it
+
+    @property
+    def template(self) -> Template:
+        return get_template(self.template_name)
+
+    def encode(self, turns, template: Template | None = None, num_images: int | None = None,
+               max_len: int | None = None, add_generation_prompt: bool = False) -> Encoded:
+        """Tokenize a conversation [(role, text) ...] with labels; raise SampleError if unusable."""
+        template = template or self.template
+        if any(role == "gpt" and not text.strip() for role, text in turns):
+            raise SampleError("empty answer", "an assistant turn is empty")
+        try:
+            text, spans = template.render(turns, template.end_token(self.tokenizer), add_generation_prompt)
+        except TemplateError as e:
+            raise SampleError("bad conversation", str(e)) from None
+        n_img_text = text.count(IMAGE_TOKEN)
+        if num_images is not None and n_img_text != num_images:
+            raise SampleError("image count mismatch", f"{n_img_text} <image> in the text, {num_images} image(s)")
+        ids, labels, per_span = tokenize_with_labels(self.tokenizer, text, spans)
+        if not add_generation_prompt and (not spans or min(per_span) == 0):
+            raise SampleError(
+                "no supervised tokens",
+                "an assistant answer maps to no token (empty answer, or template/tokenizer mismatch)",
+            )
+        ids, labels = self._expand_images(ids, labels)
+        if max_len is not None and len(ids) > max_len:
+            if self.image_token_id in ids[max_len:]:  # cutting would lose (part of) an image
+                raise SampleError("truncated through an image", f"{len(ids)} tokens > max_len {max_len}")
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(x == IGNORE_INDEX for x in labels):
+                raise SampleError("no supervised tokens", f"truncation to max_len {max_len} removed every answer")
+        return Encoded(ids, labels, n_img_text)
+
+    def _expand_images(self, ids, labels):
+        out_ids, out_labels = [], []
+        for i, l in zip(ids, labels):
+            if i == self.image_token_id:
+                out_ids += [i] * self.num_image_tokens
+                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+            else:
+                out_ids.append(i)
+                out_labels.append(l)
+        return out_ids, out_labels
+
+    def prompt(self, turns, images=()) -> dict:
+        """Model inputs for generation: the conversation so far, ending with a human turn."""
+        enc = self.encode(turns, num_images=len(images), add_generation_prompt=True)
+        batch = {
+            "input_ids": torch.tensor([enc.input_ids]),
+            "attention_mask": torch.ones(1, len(enc.input_ids), dtype=torch.long),
+        }
+        if images:
+            batch["pixel_values"] = torch.stack([self.image_processor(im) for im in images])
+        return batch
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.image_processor.save(directory)
+
+
+def ensure_image_token(tokenizer) -> None:
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+
+
+def collate(encoded: list[Encoded], pixel_values: list[torch.Tensor], pad_id: int) -> dict:
+    """Right-pad a batch. `pixel_values` are the batch's images in sample order."""
+    length = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if pixel_values:
+        batch["pixel_values"] = torch.stack(pixel_values)
+    return batch

@@ -1,0 +1,227 @@
+"""The staged training loop, on accelerate (single process, DDP, `accelerate launch`).
+
+Each stage: trainability plan -> optimizer groups -> token-weighted steps with gradient
+accumulation, clipping, warmup + cosine -> step-N checkpoints -> final/. The next stage
+starts from the model as the previous one left it. `resume=True` continues from the last
+complete checkpoint with the same data order, optimizer and schedule state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinylmm.config import RunConfig, dump_resolved, load_resolved
+from tinylmm.data.llava import LlavaDataset, SkipReport
+from tinylmm.data.templates import get_template
+from tinylmm.models.lmm import build_model
+from tinylmm.train import checkpoint as ckpt
+from tinylmm.train.plan import apply_plan, param_groups
+from tinylmm.train.progress import Reporter
+from tinylmm.train.runtime import has_accelerator, resolve_attention, resolve_precision
+from tinylmm.train.schedule import StageSampler, lr_lambda, plan_steps, step_indices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final: Path
+    skip_reports: list[SkipReport] = field(default_factory=list)
+    eval: dict | None = None
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    is_main: bool = True  # False on the other processes of a multi-process run
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.preset}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> LlavaDataset:
+    stage = cfg.stages[name]
+    template = get_template(stage.template or cfg.model.template)
+    if stage.data.shapes is not None:
+        from tinylmm.data.shapes import write_shapes_dataset
+
+        s = cfg.shapes
+        with accel.main_process_first():
+            paths = write_shapes_dataset(
+                run_dir / "data" / "shapes", seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct,
+                n_eval=s.n_eval, image_size=s.image_size or processor.image_processor.size,
+            )
+        return LlavaDataset(paths[stage.data.shapes], paths["images"], processor, template, stage.max_len)
+    return LlavaDataset(stage.data.json, stage.data.images, processor, template, stage.max_len)
+
+
+def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_dir: str | Path | None = None,
+          console=None, evaluate: bool = True) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_model
+
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"cannot resume '{run_dir}': no config.yaml there")
+        cfg = load_resolved(run_dir / "config.yaml")
+    else:
+        assert cfg is not None
+        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+
+    precision, precision_note = resolve_precision(cfg.train.precision)
+    # cpu=True when there is no accelerator: under `accelerate launch` (torchrun) this is
+    # what makes accelerate form a gloo process group instead of N independent runs.
+    accel = Accelerator(mixed_precision=precision, cpu=not has_accelerator())
+    report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
+    attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
+    report.note(f"precision: {precision_note}; attention: {attn_note}; processes: {accel.num_processes}")
+
+    if resume_dir is None:
+        if accel.is_main_process:
+            if (run_dir / "config.yaml").exists():
+                raise FileExistsError(f"'{run_dir}' already holds a run; use --resume {run_dir} or another --output-dir")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_resolved(cfg, sources or {}, run_dir / "config.yaml")
+        accel.wait_for_everyone()
+
+    set_seed(cfg.train.seed)
+    model, processor = build_model(cfg.model, attn_implementation=attn)
+    if cfg.train.gradient_checkpointing:
+        for part in (model.llm, model.vision.model):
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(accel.device)
+
+    stages = list(cfg.stages.items())
+    data, loaded = {}, {}
+    for name, stage in stages:  # stages reading the same data share one tokenized copy
+        key = (repr(stage.data), stage.template or cfg.model.template, stage.max_len)
+        if key not in loaded:
+            loaded[key] = _stage_data(cfg, name, processor, run_dir, accel)
+            report.note(loaded[key].report.summary())
+        data[name] = loaded[key]
+    result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()],
+                       is_main=accel.is_main_process)
+
+    for index, (name, stage) in enumerate(stages):
+        stage_dir = run_dir / name
+        final_dir = stage_dir / "final"
+        if resume_dir is not None and (final_dir / "model.safetensors").exists():
+            load_model(model, str(final_dir / "model.safetensors"), strict=False, device=str(accel.device))
+            report.note(f"stage {name}: done earlier, continuing from {final_dir}")
+            continue
+        start_step, state = 0, None
+        last = ckpt.latest_step(stage_dir) if resume_dir is not None else None
+        if last is not None:
+            load_model(model, str(last / "model.safetensors"), strict=False, device=str(accel.device))
+            state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+            start_step = state["step"]
+            report.note(f"stage {name}: resuming from {last} (step {start_step})")
+        if resume_dir is not None:
+            report.truncate_metrics(name, start_step)
+        result.losses[name] = _train_stage(
+            accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report
+        )
+        if accel.is_main_process:
+            ckpt.write_atomically(final_dir, lambda d: model.save(d, processor))
+        accel.wait_for_everyone()
+
+    if accel.is_main_process:
+        ckpt.link_final(run_dir, stages[-1][0])
+        for d in loaded.values():
+            if d.report.skipped:
+                report.note(d.report.summary() + "; first: " + "; ".join(f"{i} ({r})" for i, r in d.report.skipped[:3]))
+        if evaluate and "shapes" in cfg.eval.bench:
+            from tinylmm.eval.shapes import evaluate_shapes
+
+            model.eval()
+            result.eval = evaluate_shapes(
+                model, processor, run_dir / "data" / "shapes", cfg, out=run_dir / "eval" / "shapes.json"
+            )
+            report.eval_table(result.eval)
+    accel.wait_for_everyone()
+    accel.end_training()
+    report.close()
+    return result
+
+
+def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report):
+    stage = cfg.stages[name]
+    where = f"stages.{name}"
+    plan = plan_steps(stage, len(dataset), accel.num_processes, where)
+    summary = apply_plan(model, stage, where)
+    report.note(f"stage {index + 1}/{len(cfg.stages)} '{name}': {plan.total_steps} steps of {plan.global_batch} "
+                f"({plan.accumulation} x {plan.micro_batch} x {plan.world_size} proc); trainable: {summary.describe()}")
+    groups = param_groups(model, stage)
+    if not groups:
+        raise ValueError(f"{where}: nothing to train (every component is frozen)")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(stage.scheduler, plan.warmup_steps, plan.total_steps)
+    )
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+    wrapped, optimizer = accel.prepare(model, optimizer)
+    wrapped.train()
+
+    seed = cfg.train.seed * 1000 + index
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StageSampler(plan, seed, accel.process_index, start_step),
+        collate_fn=dataset.collate, num_workers=cfg.train.num_workers,
+    )
+    trainable = [p for g in groups for p in g["params"]]
+    batches = iter(loader)
+    losses = []
+    report.start_stage(name, plan.total_steps, start_step)
+    for step in range(start_step, plan.total_steps):
+        t0 = time.perf_counter()
+        # Every process knows the whole step's samples, so the loss is the mean over all
+        # supervised tokens of the global batch, whatever the accumulation or world size.
+        global_tokens = sum(dataset.num_supervised(i) for i in step_indices(plan, step, seed))
+        loss_sum = torch.zeros((), device=accel.device)
+        tokens = 0
+        for micro in range(plan.accumulation):
+            batch = {k: v.to(accel.device) for k, v in next(batches).items()}
+            tokens += int(batch["attention_mask"].sum())
+            sync = micro == plan.accumulation - 1
+            with contextlib.nullcontext() if sync else accel.no_sync(wrapped):
+                out = wrapped(**batch)
+                # DDP averages gradients over processes: scale back to a sum over the batch.
+                accel.backward(out.loss_sum * accel.num_processes / global_tokens)
+            loss_sum += out.loss_sum.detach().float()
+        grad_norm = accel.clip_grad_norm_(trainable, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = (accel.reduce(loss_sum, reduction="sum") / global_tokens).item()
+        tokens = int(accel.reduce(torch.tensor(tokens, device=accel.device), reduction="sum"))
+        losses.append(loss)
+        lr = scheduler.get_last_lr()[0]
+        report.step(name, index, step + 1, loss, lr, float(grad_norm), tokens, time.perf_counter() - t0)
+        done = step + 1
+        if stage.save_every and done % stage.save_every == 0 and done < plan.total_steps:
+            _save_step(accel, model, processor, optimizer, scheduler, stage_dir, done)
+    report.end_stage()
+    accel.free_memory()  # drop the DDP wrapper: the next stage wraps its own trainable set
+    return losses
+
+
+def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": ckpt.rng_state()}
+
+        def write(d):
+            model.save(d, processor)
+            torch.save(state, d / "trainer_state.pt")
+
+        ckpt.write_atomically(ckpt.step_dir(stage_dir, step), write)
+    accel.wait_for_everyone()

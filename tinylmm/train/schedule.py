@@ -1,0 +1,92 @@
+"""Step arithmetic, the data order, and the learning-rate schedule of one stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Sampler
+
+from tinylmm.config import ConfigError, StageConfig
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    num_samples: int
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+
+def plan_steps(stage: StageConfig, num_samples: int, world_size: int, where: str) -> StepPlan:
+    per_step = stage.micro_batch_size * world_size
+    if stage.batch_size % per_step:
+        raise ConfigError(
+            f"{where}: batch_size {stage.batch_size} is not a multiple of micro_batch_size "
+            f"{stage.micro_batch_size} x {world_size} processes"
+        )
+    if num_samples < stage.batch_size:
+        raise ConfigError(f"{where}: batch_size {stage.batch_size} exceeds the {num_samples} usable samples")
+    steps_per_epoch = num_samples // stage.batch_size  # the incomplete last batch is dropped
+    total = math.ceil(stage.epochs * steps_per_epoch)
+    if stage.max_steps is not None:
+        total = min(total, stage.max_steps)
+    warmup = math.ceil(stage.warmup_ratio * total)
+    return StepPlan(num_samples, stage.batch_size, stage.micro_batch_size, world_size, steps_per_epoch, total, warmup)
+
+
+def step_indices(plan: StepPlan, step: int, seed: int) -> list[int]:
+    """The samples of optimizer step `step` (all processes): a fresh permutation per epoch."""
+    epoch, pos = divmod(step, plan.steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(plan.num_samples, generator=g)
+    return perm[pos * plan.global_batch : (pos + 1) * plan.global_batch].tolist()
+
+
+def micro_batches(plan: StepPlan, indices: list[int], rank: int) -> list[list[int]]:
+    """This process's micro-batches of one step, in accumulation order."""
+    chunk = plan.micro_batch * plan.world_size
+    out = []
+    for a in range(plan.accumulation):
+        part = indices[a * chunk : (a + 1) * chunk]
+        out.append(part[rank * plan.micro_batch : (rank + 1) * plan.micro_batch])
+    return out
+
+
+class StageSampler(Sampler):
+    """Yields this process's micro-batches from `start_step` on (so a resumed run sees the
+    same data in the same order), for a DataLoader's `batch_sampler`."""
+
+    def __init__(self, plan: StepPlan, seed: int, rank: int, start_step: int = 0):
+        self.plan, self.seed, self.rank, self.start_step = plan, seed, rank, start_step
+
+    def __iter__(self):
+        for step in range(self.start_step, self.plan.total_steps):
+            yield from micro_batches(self.plan, step_indices(self.plan, step, self.seed), self.rank)
+
+    def __len__(self) -> int:
+        return (self.plan.total_steps - self.start_step) * self.plan.accumulation
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Linear warmup, then cosine / linear decay to 0, or constant."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
