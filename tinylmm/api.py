@@ -91,11 +91,10 @@ class ChatSession:
 def evaluate_checkpoint(model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32):
     """Score a checkpoint; returns (summary, results path)."""
     from tinylmm import load
-    from tinylmm.config import unknown
+    from tinylmm.config import BENCHMARKS, unknown
 
-    benches = ("shapes",)
-    if bench not in benches:
-        raise unknown("benchmark", bench, benches)
+    if bench not in BENCHMARKS:
+        raise unknown("benchmark", bench, BENCHMARKS)
     model_dir = Path(model_dir)
     model, processor = load(model_dir)
     if data is None:

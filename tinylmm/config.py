@@ -57,7 +57,6 @@ class VisionSpec:
     config: dict | None = None
     feature_layer: int = -2  # hidden_states index: -2 = penultimate layer, as LLaVA/TinyLLaVA
     select: Literal["patch", "cls_patch"] = "patch"  # patch drops CLS where the tower has one
-    image_size: int | None = None  # default: the tower's config
     pad_to_square: bool = True  # pad with the mean colour before resizing (LLaVA "pad")
     image_mean: list[float] | None = None  # default: preprocessor_config.json or the family's
     image_std: list[float] | None = None
@@ -126,7 +125,6 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    log_every: int = 10
     num_workers: int = 0
     seed: int = 0  # data order
 
@@ -154,6 +152,7 @@ class RunConfig:
 # a stage that reads `{shapes: caption}` must not inherit the recipe's `json:` path.
 ATOMIC_KEYS = {"data", "config"}
 COMPONENTS = ("vision", "connector", "llm")
+BENCHMARKS = ("shapes",)
 
 
 # --------------------------------------------------------------------------- typed build
@@ -360,6 +359,9 @@ def validate(cfg: RunConfig) -> None:
         raise unknown("template", cfg.model.template, TEMPLATES)
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")
+    for bench in cfg.eval.bench:
+        if bench not in BENCHMARKS:
+            raise unknown("benchmark in eval.bench", bench, BENCHMARKS)
     for name, st in cfg.stages.items():
         where = f"stages.{name}"
         if st.template is not None and st.template not in TEMPLATES:

@@ -44,13 +44,17 @@ class CallbackStreamer:
             if value.dim() > 1 or value.numel() != 1:
                 return
         self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         if not text.endswith("\ufffd"):  # wait for complete multi-byte characters
             self.on_text(text[self.printed :])
             self.printed = len(text)
 
+    def _text(self) -> str:
+        # The prompt ends in "ASSISTANT:" (no space, as TinyLLaVA), so answers start with one.
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
     def end(self):
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         if len(text) > self.printed:
             self.on_text(text[self.printed :])
 

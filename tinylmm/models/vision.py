@@ -70,7 +70,7 @@ class VisionTower(nn.Module):
         self._inner = [inner]  # not a submodule twice
         self.has_cls = hasattr(inner.embeddings, "class_embedding")
         self.drop_cls = self.has_cls and spec.select == "patch"
-        self.spec = dataclasses.replace(spec, feature_layer=-1, image_size=model.config.image_size)
+        self.spec = dataclasses.replace(spec, feature_layer=-1)
         self.hidden_size = model.config.hidden_size
         self.image_size = model.config.image_size
         grid = model.config.image_size // model.config.patch_size

@@ -94,7 +94,10 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     model, processor = build_model(cfg.model, attn_implementation=attn)
     if cfg.train.gradient_checkpointing:
         for part in (model.llm, model.vision.model):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accel.device)
 
     stages = list(cfg.stages.items())
@@ -197,13 +200,13 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
                 accel.backward(out.loss_sum * accel.num_processes / global_tokens)
             loss_sum += out.loss_sum.detach().float()
         grad_norm = accel.clip_grad_norm_(trainable, stage.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = (accel.reduce(loss_sum, reduction="sum") / global_tokens).item()
         tokens = int(accel.reduce(torch.tensor(tokens, device=accel.device), reduction="sum"))
         losses.append(loss)
-        lr = scheduler.get_last_lr()[0]
         report.step(name, index, step + 1, loss, lr, float(grad_norm), tokens, time.perf_counter() - t0)
         done = step + 1
         if stage.save_every and done % stage.save_every == 0 and done < plan.total_steps:
