@@ -186,7 +186,7 @@ def test_instruct_samples_are_valid_llava(data):
         assert set(s) == {"id", "image", "conversations"}
         assert (data["images"] / s["image"]).is_file()
         convs = s["conversations"]
-        assert 4 <= len(convs) <= 8 and len(convs) % 2 == 0
+        assert 6 <= len(convs) <= 12 and len(convs) % 2 == 0
         assert [t["from"] for t in convs] == ["human", "gpt"] * (len(convs) // 2)
         assert convs[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in convs) == 1

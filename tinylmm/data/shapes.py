@@ -24,7 +24,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 FORMAT = "tinylmm-shapes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -182,7 +182,8 @@ def _caption_sample(scene: Scene, rng: random.Random) -> dict:
 
 
 def _instruct_sample(scene: Scene, rng: random.Random) -> dict:
-    n_turns, types = rng.randint(2, 4), applicable(scene)
+    # Several questions per image: more supervised answers per visual token processed.
+    n_turns, types = rng.randint(3, 6), applicable(scene)
     convs, asked = [], set()
     for _ in range(50):  # bounded: a draw may repeat a question already asked
         if len(asked) == n_turns:
