@@ -124,3 +124,17 @@ def test_missing_weights_fail_fast_with_the_name(tmp_path):
         build_model(s)
     assert time.perf_counter() - t < 10
     assert "HF_HUB_OFFLINE" in str(err.value) and "--local-dir" in str(err.value)
+
+
+def test_streamed_answer_matches_the_returned_one():
+    # The prompt ends in "ASSISTANT:" without a space, so the first answer token carries one.
+    from tinylmm.generation import CallbackStreamer
+
+    _, proc = build_model(spec())
+    pieces = []
+    streamer = CallbackStreamer(proc.tokenizer, pieces.append)
+    streamer.put(torch.zeros(1, 0, dtype=torch.long))  # generate() sends the (empty) prompt first
+    for i in proc.tokenizer(" red circle", add_special_tokens=False)["input_ids"]:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(pieces) == "red circle"
