@@ -41,7 +41,7 @@ def test_tiny_share_run_literal_losses_and_layout(tmp_path, tiny_overrides):
     assert len(losses_of(run)) == 9
 
 
-def _kill_after_checkpoint_script(out: Path, overrides: list[str], stage: str, step: int) -> str:
+def _kill_after_checkpoint_script(out: Path, overrides: list[str], stage: str, step: int, tune=None) -> str:
     return textwrap.dedent(f"""
         import os, signal
         import tinylmm.train.loop as loop
@@ -52,7 +52,7 @@ def _kill_after_checkpoint_script(out: Path, overrides: list[str], stage: str, s
             if stage_dir.name == {stage!r} and step == {step}:
                 os.kill(os.getpid(), signal.SIGKILL)
         loop._save_step = save_then_die
-        train_run(overrides={overrides!r}, output_dir={str(out)!r}, evaluate=False)
+        train_run(overrides={overrides!r}, output_dir={str(out)!r}, evaluate=False, tune={tune!r})
     """)
 
 
@@ -61,16 +61,23 @@ def _env():
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+# qlora: the resumed run rebuilds the 4-bit base from the run's llm-base/, re-attaches the
+# LLM and vision adapters and loads their step-4 weights (TinyLLaVA_Factory issue #170).
+@pytest.mark.parametrize("tune", [None, "qlora"])
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
     overrides = TINY + tiny_stages(steps=5) + [f"stages.{s}.save_every=2" for s in ("pretrain", "share", "finetune")]
+    tune_args = []
+    if tune:
+        overrides += ["lora.r=8", "lora.alpha=16", "stages.share.tune.vision=lora"]
+        tune_args = ["--tune", tune]
     # Uninterrupted reference, in a process like the others (same thread count, same numerics).
     ref = tmp_path / "ref"
-    proc = subprocess.run([sys.executable, "-m", "tinylmm.cli.app", "train", "-o", str(ref), "--no-eval", *overrides],
-                          env=_env(), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "tinylmm.cli.app", "train", "-o", str(ref), "--no-eval",
+                           *tune_args, *overrides], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Killed with SIGKILL right after the step-4 checkpoint of the middle stage.
     run = tmp_path / "run"
-    script = _kill_after_checkpoint_script(run, overrides, "share", 4)
+    script = _kill_after_checkpoint_script(run, overrides, "share", 4, tune)
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (run / "share" / "step-000004").exists() and not (run / "share" / "final").exists()

@@ -10,18 +10,21 @@ from tinylmm.config import ConfigError, load_resolved, parse_override, resolve
 
 
 def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, output_dir=None, config=None,
-              resume=None, evaluate: bool = True, console=None):
-    """Resolve the config (or reload a saved one) and train. Returns a `RunResult`."""
+              resume=None, evaluate: bool = True, console=None, tune: str | None = None):
+    """Resolve the config (or reload a saved one) and train. Returns a `RunResult`.
+    `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe trains it."""
     from tinylmm.train.loop import train
 
     if resume is not None:
-        if config is not None or overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --config and overrides")
+        if config is not None or overrides or tune is not None:
+            raise ConfigError("--resume continues a run with its saved config; drop --config, --tune and overrides")
         return train(resume_dir=resume, console=console, evaluate=evaluate)
     if config is not None:
+        if tune is not None:
+            raise ConfigError("--tune applies to a recipe; a saved --config already holds its stages' modes")
         cfg, sources = _from_saved(Path(config), overrides)
     else:
-        cfg, sources = resolve(preset, recipe, list(overrides), output_dir=None)
+        cfg, sources = resolve(preset, recipe, list(overrides), output_dir=None, tune=tune)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
         sources["output_dir"] = "cli"
@@ -86,6 +89,38 @@ class ChatSession:
                             max_new_tokens=self.max_new_tokens, **kwargs)
         self.turns = turns + [("gpt", answer)]
         return answer
+
+
+def merge_checkpoint(src, out=None, *, full_precision_base: bool = False) -> Path:
+    """Fold a checkpoint's LoRA adapters into its weights and write a self-contained full
+    checkpoint (default: `<src>-merged` beside it). After QLoRA the adapters are added to
+    the dequantized 4-bit base, the weights they were trained against, so the merged model
+    answers as the trained one did; `full_precision_base` adds them to the original base."""
+    from peft import PeftModel
+
+    from tinylmm.models import adapters
+    from tinylmm.models.lmm import load, read_meta
+    from tinylmm.train.checkpoint import write_atomically
+
+    src = Path(src)
+    meta = read_meta(src)
+    if not meta.get("llm_base") and not meta.get("vision_lora"):
+        raise ValueError(f"'{src}' has no adapters to merge: it is a full checkpoint already")
+    out = Path(out) if out is not None else src.resolve().with_name(src.resolve().name + "-merged")
+    if out.exists():
+        raise FileExistsError(f"'{out}' already exists; not overwriting it")
+    model, processor = load(src)
+    if adapters.is_peft(model.llm):
+        if adapters.is_quantized(model.llm) and not full_precision_base:
+            base = adapters.dequantized_base(model.llm, model.llm_base)
+        else:
+            base = adapters.load_llm(model.llm_base, quant=None)
+        model.llm = PeftModel.from_pretrained(base, str(src / "llm")).merge_and_unload()
+        model.llm_base = model.llm_quant = None
+    if adapters.has_vision_lora(model):
+        adapters.merge_vision_lora(model)
+    write_atomically(out, lambda d: model.save(d, processor))
+    return out
 
 
 def evaluate_checkpoint(model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32):

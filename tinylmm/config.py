@@ -93,6 +93,7 @@ class StageConfig:
     data: DataSpec = field(default_factory=DataSpec)
     template: str | None = None  # None: the model's template; "pretrain" for caption alignment
     # per component: frozen | full | partial:<first trainable layer> (N, -N from the end, or P%)
+    # | lora (LLM or vision: adapters on a frozen base) | qlora (LLM: adapters on a 4-bit base)
     tune: dict[str, str] = field(
         default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"}
     )
@@ -121,8 +122,37 @@ class ShapesConfig:
 
 
 @dataclass
+class LoraSpec:
+    """Adapters of the `lora` / `qlora` modes. Defaults: TinyLLaVA's LoRA settings."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    # module names (suffixes such as q_proj) or "all-linear": every linear layer of the
+    # component except the LLM's output head
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    lr: float = 2e-4  # the LLM's learning rate in stages that `--tune lora|qlora` switches
+
+
+@dataclass
+class QuantSpec:
+    """How `qlora` stores the frozen LLM base (bitsandbytes through transformers)."""
+
+    bits: Literal[4, 8] = 4  # 4: QLoRA (NF4); 8: LLM.int8 base
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantize the 4-bit scales too (~0.4 bit/param saved)
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
+@dataclass
 class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # adamw: torch; *_8bit: bitsandbytes 8-bit states (2 bytes/param instead of 8);
+    # paged_*: bitsandbytes states in CUDA unified memory (evicted to RAM under pressure)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     num_workers: int = 0
@@ -145,6 +175,8 @@ class RunConfig:
     stages: dict[str, StageConfig] = field(default_factory=dict)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -308,8 +340,10 @@ def resolve(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     output_dir: str | None = None,
+    tune: str | None = None,
 ) -> tuple[RunConfig, dict[str, str]]:
-    """Assemble the run config from preset + recipe + overrides. Returns (config, sources)."""
+    """Assemble the run config from preset + recipe + overrides (+ the `--tune` switch).
+    Returns (config, sources)."""
     from tinylmm import zoo
     from tinylmm.recipes import load_recipe
 
@@ -342,6 +376,8 @@ def resolve(
         if path[0] == "stages" and len(path) >= 2:
             default_stage_name_check(r.stages, path[1], "override")
         layers.set(path, value, "override")
+    if tune is not None:
+        apply_tune_switch(layers, tune)
     if output_dir is not None:
         layers.set(["output_dir"], output_dir, "cli")
     cfg = from_dict(RunConfig, layers.data)
@@ -382,11 +418,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: lr, epochs and max_len must be positive")
         if not 0 <= st.warmup_ratio < 1:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+    for comp in ("vision", "llm"):
+        component_states(cfg, comp)
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
+        raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
 
 
 @dataclass(frozen=True)
 class Trainability:
-    mode: Literal["frozen", "full", "partial"]
+    mode: Literal["frozen", "full", "partial", "lora", "qlora"]
     first_layer: str | None = None  # "12", "-2" or "50%" (resolved against the tower's depth)
 
     def first_index(self, num_layers: int, where: str = "") -> int:
@@ -405,9 +445,16 @@ class Trainability:
         return idx
 
 
+MODES = ("frozen", "full", "partial:", "lora", "qlora")
+
+
 def parse_trainability(text: str, where: str = "tune") -> Trainability:
     text = str(text).strip()
-    if text in ("frozen", "full"):
+    if text in ("frozen", "full", "lora", "qlora"):
+        if text == "qlora" and where.endswith(("vision", "connector")):
+            raise ConfigError(f"{where}: qlora quantizes the LLM only; use lora, full or frozen here")
+        if text == "lora" and where.endswith("connector"):
+            raise ConfigError(f"{where}: the connector is small; train it full or keep it frozen")
         return Trainability(text)
     if text.startswith("partial:"):
         spec = text.split(":", 1)[1].strip()
@@ -416,7 +463,62 @@ def parse_trainability(text: str, where: str = "tune") -> Trainability:
         except ValueError:
             raise ConfigError(f"{where}: '{text}' needs a layer index, e.g. partial:12, partial:-2 or partial:50%") from None
         return Trainability("partial", spec)
-    raise ConfigError(f"{where}: '{text}' is not one of frozen, full, partial:<layer>{did_you_mean(text, ['frozen', 'full', 'partial:'])}")
+    raise ConfigError(f"{where}: '{text}' is not one of frozen, full, partial:<layer>, lora, qlora"
+                      f"{did_you_mean(text, MODES)}")
+
+
+def component_states(cfg: RunConfig, component: str) -> list[tuple[str, str]]:
+    """(stage, structure) per stage: 'plain', 'lora' (adapters on a full-precision base) or
+    'qlora' (adapters on a quantized base). Adapters persist through later `frozen` stages
+    and keep training in later stages of the same mode; `full`/`partial` after `lora`
+    merges them first. Going back from a quantized base is refused: its full-precision
+    weights are gone (merge the run with `tinylmm merge`, then train from the result)."""
+    state, out = "plain", []
+    for name, st in cfg.stages.items():
+        mode = parse_trainability(st.tune[component], f"stages.{name}.tune.{component}").mode
+        if state == "qlora" and mode not in ("qlora", "frozen"):
+            raise ConfigError(f"stages.{name}.tune.{component}: '{mode}' after a qlora stage; the base is 4-bit "
+                              "from then on, so later stages can only be qlora or frozen")
+        if state == "lora" and mode == "qlora":
+            raise ConfigError(f"stages.{name}.tune.{component}: qlora after a lora stage; use lora (adapters on "
+                              "the full-precision base) or start with qlora")
+        if mode in ("lora", "qlora"):
+            state = mode
+        elif mode in ("full", "partial"):
+            state = "plain"
+        out.append((name, state))
+    return out
+
+
+TUNE_SWITCHES = ("full", "lora", "qlora")
+
+
+def apply_tune_switch(layers: Layers, mode: str) -> None:
+    """`--tune lora|qlora`: every stage that trains the LLM (full or partial) trains it with
+    adapters instead, at `lora.lr` (TinyLLaVA: 2e-4), while the connector and the vision
+    tower keep the stage's own rate (as LLaVA-1.5's LoRA script: mm_projector_lr 2e-5).
+    Values the user set with an override are kept. `--tune full` leaves the recipe as is."""
+    if mode not in TUNE_SWITCHES:
+        raise unknown("--tune mode", mode, TUNE_SWITCHES)
+    if mode == "full":
+        return
+    source = f"--tune {mode}"
+    lora_lr = float(layers.data.get("lora", {}).get("lr", LoraSpec.lr))
+    for name, st in layers.data.get("stages", {}).items():
+        llm = str(st.get("tune", {}).get("llm", "frozen"))
+        if not (llm == "full" or llm.startswith("partial:")):
+            continue
+        mine = lambda key: layers.sources.get(f"stages.{name}.{key}") == "override"  # noqa: E731
+        if mine("tune.llm"):
+            continue
+        stage_lr = st.get("lr", StageConfig.lr)
+        layers.set(["stages", name, "tune", "llm"], mode, source)
+        if not mine("lr"):
+            layers.set(["stages", name, "lr"], lora_lr, source)
+        if st.get("connector_lr") is None:
+            layers.set(["stages", name, "connector_lr"], stage_lr, source)
+        if st.get("vision_lr") is None and st.get("tune", {}).get("vision", "frozen") != "frozen":
+            layers.set(["stages", name, "vision_lr"], stage_lr, source)
 
 
 # --------------------------------------------------------------------------- saving

@@ -12,12 +12,13 @@ def chat(
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="image to talk about"),
     max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help="load the LLM in 4-bit NF4 (bitsandbytes): about a quarter of the memory"),
 ):
     """Chat with a trained model; answers stream as they are generated. In the interactive
     chat, `/image PATH` switches image, `/reset` clears the history, `/quit` leaves."""
     from tinylmm.api import ChatSession
 
-    session = ChatSession(model_dir, max_new_tokens=max_new_tokens, temperature=temperature)
+    session = ChatSession(model_dir, max_new_tokens=max_new_tokens, temperature=temperature, load_4bit=load_4bit)
     if image is not None:
         session.set_image(image)
     if prompt is not None:

@@ -10,6 +10,7 @@ def train(
     overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. stages.finetune.lr=1e-4"),
     preset: str = typer.Option("toy", "--preset", "-p", help="model preset (tinylmm ls presets)"),
     recipe: str = typer.Option("share", "--recipe", "-r", help="recipe name or YAML file (tinylmm ls recipes)"),
+    tune: Optional[str] = typer.Option(None, "--tune", "-t", help="full | lora | qlora: how stages that train the LLM train it (lora/qlora: adapters at lora.lr, TinyLLaVA's r128 a256 2e-4)"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run directory (default runs/<preset>-<recipe>-<time>)"),
     config: Optional[Path] = typer.Option(None, "--config", help="a saved config.yaml to run again (overrides still apply)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run in this directory"),
@@ -22,7 +23,7 @@ def train(
 
     console = Console(stderr=True)
     result = train_run(preset=preset, recipe=recipe, overrides=overrides or [], output_dir=output_dir,
-                       config=config, resume=resume, evaluate=not no_eval, console=console)
+                       config=config, resume=resume, evaluate=not no_eval, console=console, tune=tune)
     if not result.is_main:
         return
     out = Console()

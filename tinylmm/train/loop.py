@@ -19,9 +19,10 @@ import torch
 from tinylmm.config import RunConfig, dump_resolved, load_resolved
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.templates import get_template
-from tinylmm.models.lmm import build_model
+from tinylmm.models.lmm import build_model, restore_parts
 from tinylmm.train import checkpoint as ckpt
-from tinylmm.train.plan import apply_plan, param_groups
+from tinylmm.train.optim import build_optimizer
+from tinylmm.train.plan import param_groups, prepare_stage
 from tinylmm.train.progress import Reporter
 from tinylmm.train.runtime import has_accelerator, resolve_attention, resolve_precision
 from tinylmm.train.schedule import StageSampler, lr_lambda, plan_steps, step_indices
@@ -63,7 +64,6 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
           console=None, evaluate: bool = True) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from safetensors.torch import load_model
 
     if resume_dir is not None:
         run_dir = Path(resume_dir)
@@ -92,13 +92,8 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
 
     set_seed(cfg.train.seed)
     model, processor = build_model(cfg.model, attn_implementation=attn)
-    if cfg.train.gradient_checkpointing:
-        for part in (model.llm, model.vision.model):
-            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accel.device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     stages = list(cfg.stages.items())
     data, loaded = {}, {}
@@ -114,21 +109,29 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     for index, (name, stage) in enumerate(stages):
         stage_dir = run_dir / name
         final_dir = stage_dir / "final"
-        if resume_dir is not None and (final_dir / "model.safetensors").exists():
-            load_model(model, str(final_dir / "model.safetensors"), strict=False, device=str(accel.device))
+        # The stage's structure (adapters, quantized LLM) first: a checkpoint loads into it.
+        with accel.main_process_first():  # the main process writes a base the others read
+            summary, notes = prepare_stage(model, cfg, name, run_dir, device=accel.device,
+                                           attn_implementation=attn, half_dtype=half)
+        if cfg.train.gradient_checkpointing:
+            _enable_checkpointing(model)
+        for line in notes:
+            report.note(f"stage {name}: {line}")
+        if resume_dir is not None and (final_dir / "tinylmm.json").exists():
+            restore_parts(model, final_dir)
             report.note(f"stage {name}: done earlier, continuing from {final_dir}")
             continue
         start_step, state = 0, None
         last = ckpt.latest_step(stage_dir) if resume_dir is not None else None
         if last is not None:
-            load_model(model, str(last / "model.safetensors"), strict=False, device=str(accel.device))
+            restore_parts(model, last)
             state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
             start_step = state["step"]
             report.note(f"stage {name}: resuming from {last} (step {start_step})")
         if resume_dir is not None:
             report.truncate_metrics(name, start_step)
         result.losses[name] = _train_stage(
-            accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report
+            accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report, summary
         )
         if accel.is_main_process:
             ckpt.write_atomically(final_dir, lambda d: model.save(d, processor))
@@ -153,24 +156,34 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     return result
 
 
-def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report):
+def _enable_checkpointing(model) -> None:
+    for part in (model.llm, model.vision.model):
+        if getattr(part, "is_activation_checkpointing", None) or (
+                not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)):
+            continue
+        if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report, summary):
     stage = cfg.stages[name]
     where = f"stages.{name}"
     plan = plan_steps(stage, len(dataset), accel.num_processes, where)
-    summary = apply_plan(model, stage, where)
     report.note(f"stage {index + 1}/{len(cfg.stages)} '{name}': {plan.total_steps} steps of {plan.global_batch} "
                 f"({plan.accumulation} x {plan.micro_batch} x {plan.world_size} proc); trainable: {summary.describe()}")
     groups = param_groups(model, stage)
     if not groups:
         raise ValueError(f"{where}: nothing to train (every component is frozen)")
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    optimizer, optimizer_note = build_optimizer(groups, cfg.train.optimizer, accel.device)
+    report.note(f"stage {name}: optimizer {optimizer_note}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(stage.scheduler, plan.warmup_steps, plan.total_steps)
     )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
     wrapped, optimizer = accel.prepare(model, optimizer)
     wrapped.train()
 
@@ -180,7 +193,9 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
         collate_fn=dataset.collate, num_workers=cfg.train.num_workers,
     )
     trainable = [p for g in groups for p in g["params"]]
-    batches = iter(loader)
+    batches = iter(loader)  # draws a seed from the global RNG: restore the RNG after it
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])  # dropout (e.g. LoRA's) continues where it stopped
     losses = []
     report.start_stage(name, plan.total_steps, start_step)
     for step in range(start_step, plan.total_steps):

@@ -1,0 +1,27 @@
+"""The optimizer of a stage: torch AdamW, or bitsandbytes' 8-bit / paged AdamW."""
+
+from __future__ import annotations
+
+import torch
+
+from tinylmm.config import ConfigError
+
+BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def build_optimizer(groups: list[dict], name: str, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """-> (optimizer, a sentence for the log saying what was taken)."""
+    kwargs = {"betas": (0.9, 0.999), "eps": 1e-8}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs), "AdamW (torch, fp32 states)"
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"train.optimizer={name} needs bitsandbytes: pip install 'tinylmm[lora]'") from None
+    cls = getattr(bnb.optim, BNB_CLASSES[name])
+    note = f"{BNB_CLASSES[name]} (bitsandbytes"
+    if name.startswith("paged") and device.type != "cuda":
+        # Paging moves optimizer state between GPU and CPU memory under pressure; without a
+        # GPU there is nothing to page to, so the states simply live in RAM.
+        note += "; paging needs CUDA: on this device the states are ordinary memory"
+    return cls(groups, **kwargs), note + ")"
