@@ -131,6 +131,9 @@ class LoraSpec:
     # module names (suffixes such as q_proj) or "all-linear": every linear layer of the
     # component except the LLM's output head
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # LLM modules trained in full next to the adapters and saved with them (peft's
+    # modules_to_save), by name or name suffix, e.g. model.norm
+    modules_to_save: list[str] = field(default_factory=list)
     lr: float = 2e-4  # the LLM's learning rate in stages that `--tune lora|qlora` switches
 
 

@@ -32,7 +32,7 @@ def _require(what: str):
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise ConfigError(f"{what} needs peft and bitsandbytes: pip install 'tinylmm[lora]'") from None
+        raise ConfigError(f"{what} needs peft and bitsandbytes: pip install peft bitsandbytes (tinylmm's dependencies; did the install fail on this platform?)") from None
 
 
 # --------------------------------------------------------------------------- targets
@@ -69,11 +69,22 @@ def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: 
     return list(targets)
 
 
-def lora_config(spec: LoraSpec, targets: list[str], task_type: str | None = None):
+def lora_config(spec: LoraSpec, targets: list[str], task_type: str | None = None, modules_to_save=None):
     from peft import LoraConfig
 
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      bias="none", task_type=task_type)
+                      bias="none", task_type=task_type, modules_to_save=modules_to_save or None)
+
+
+def check_modules_to_save(llm: nn.Module, names: list[str]) -> list[str]:
+    modules = [n for n, _ in llm.named_modules()]
+    for name in names:
+        if not any(n == name or n.endswith("." + name) for n in modules):
+            from tinylmm.config import did_you_mean
+
+            raise ConfigError(f"lora.modules_to_save: '{name}' is no module of the llm"
+                              f"{did_you_mean(name, modules)}")
+    return names
 
 
 # --------------------------------------------------------------------------- LLM
@@ -142,7 +153,8 @@ def attach_llm_lora(model, spec: LoraSpec, base_dir: Path) -> None:
         model.llm_base = base_dir
     head = model.llm.get_output_embeddings()
     targets = resolve_targets(model.llm, spec.targets, "llm", exclude=head)
-    model.llm = get_peft_model(model.llm, lora_config(spec, targets, "CAUSAL_LM"))
+    keep = check_modules_to_save(model.llm, spec.modules_to_save)
+    model.llm = get_peft_model(model.llm, lora_config(spec, targets, "CAUSAL_LM", keep))
 
 
 def merge_llm_lora(model) -> None:

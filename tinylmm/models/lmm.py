@@ -140,13 +140,15 @@ def _image_processor(spec: VisionSpec, tower) -> ImageProcessor:
     return ImageProcessor(size=tower.image_size, image_mean=mean, image_std=std, pad_to_square=spec.pad_to_square)
 
 
-def build_model(spec: ModelSpec, *, attn_implementation: str = "sdpa", dtype=None) -> tuple[TinyLMM, Processor]:
-    """Build from a preset's spec: pretrained parts via from_pretrained, inline configs at random."""
+def build_model(spec: ModelSpec, *, attn_implementation: str = "sdpa", dtype=None, llm_dtype=None,
+                vision_dtype=None) -> tuple[TinyLMM, Processor]:
+    """Build from a preset's spec: pretrained parts via from_pretrained, inline configs at random.
+    `llm_dtype` / `vision_dtype` (default `dtype`) load a part directly in that dtype."""
     torch.manual_seed(spec.seed)  # connector (and toy) initialisation is reproducible
     tokenizer = build_tokenizer(spec.llm)
     ensure_image_token(tokenizer)
-    vision = build_vision(spec.vision, dtype=dtype, attn_implementation=attn_implementation)
-    llm = build_llm(spec.llm, dtype=dtype, attn_implementation=attn_implementation)
+    vision = build_vision(spec.vision, dtype=vision_dtype or dtype, attn_implementation=attn_implementation)
+    llm = build_llm(spec.llm, dtype=llm_dtype or dtype, attn_implementation=attn_implementation)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     connector = build_connector(spec.connector, vision.hidden_size, llm.config.hidden_size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinylmm.config import RunConfig, dump_resolved, load_resolved
+from tinylmm.config import RunConfig, dump_resolved, load_resolved, parse_trainability
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.templates import get_template
 from tinylmm.models.lmm import build_model, restore_parts
@@ -74,9 +74,11 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
         assert cfg is not None
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
 
+    _quiet_libraries()
     precision, precision_note = resolve_precision(cfg.train.precision)
     # cpu=True when there is no accelerator: under `accelerate launch` (torchrun) this is
     # what makes accelerate form a gloo process group instead of N independent runs.
+    _forget_previous_accelerator()
     accel = Accelerator(mixed_precision=precision, cpu=not has_accelerator())
     report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
     attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
@@ -91,9 +93,15 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
         accel.wait_for_everyone()
 
     set_seed(cfg.train.seed)
-    model, processor = build_model(cfg.model, attn_implementation=attn)
-    model.to(accel.device)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # A part no stage trains in full is only ever a frozen base: load it in the half dtype
+    # right away (half the memory, and half the llm-base/ a qlora stage writes).
+    only_frozen = {c: all(parse_trainability(st.tune[c]).mode in ("frozen", "lora", "qlora")
+                          for st in cfg.stages.values()) for c in ("llm", "vision")}
+    model, processor = build_model(cfg.model, attn_implementation=attn,
+                                   llm_dtype=half if only_frozen["llm"] else None,
+                                   vision_dtype=half if only_frozen["vision"] else None)
+    model.to(accel.device)
 
     stages = list(cfg.stages.items())
     data, loaded = {}, {}
@@ -154,6 +162,27 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     accel.end_training()
     report.close()
     return result
+
+
+def _forget_previous_accelerator() -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    precision; a Python user may well train twice in one process (fp32, then bf16). The
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _quiet_libraries() -> None:
+    """Our progress display is the one the user reads: no per-file bars from transformers
+    when a stage writes or reloads the LLM base, no deprecation chatter between libraries."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft -> transformers
 
 
 def _enable_checkpointing(model) -> None:

@@ -76,12 +76,16 @@ def prepare_stage(model, cfg: RunConfig, name: str, run_dir: Path, *, device="cp
         base_dir = run_dir / name / "llm-base"
         if llm_state == "qlora":
             adapters.quantize_llm(model, base_dir, cfg.quant, device=device, attn_implementation=attn_implementation)
+            kernels = "CUDA kernels" if torch.device(device).type == "cuda" else \
+                "bitsandbytes' CPU fallback kernels (no GPU: slower than CUDA)"
             notes.append(f"llm: reloaded from {base_dir} in {cfg.quant.bits}-bit"
                          + (f" {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, "
-                            f"compute {cfg.quant.compute_dtype}" if cfg.quant.bits == 4 else " (LLM.int8)"))
+                            f"compute {cfg.quant.compute_dtype}" if cfg.quant.bits == 4 else " (LLM.int8)")
+                         + f"; {kernels}")
         adapters.attach_llm_lora(model, cfg.lora, base_dir)
         notes.append(f"llm: LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} on "
-                     f"{', '.join(model.llm.peft_config['default'].target_modules)}")
+                     f"{', '.join(sorted(model.llm.peft_config['default'].target_modules))}"
+                     + (f"; trained in full: {', '.join(cfg.lora.modules_to_save)}" if cfg.lora.modules_to_save else ""))
     if vision_state == "plain" and adapters.has_vision_lora(model):
         adapters.merge_vision_lora(model)
         notes.append("vision: LoRA adapters merged into the tower")
@@ -119,7 +123,7 @@ def apply_plan(model, stage: StageConfig, where: str = "stage") -> PlanSummary:
             module.requires_grad_(False)
             n = 0
             for pname, p in module.named_parameters():
-                if "lora_" in pname:
+                if "lora_" in pname or "modules_to_save." in pname:
                     p.requires_grad_(True)
                     n += 1
             if not n:
