@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -109,3 +111,11 @@ def test_recipe_file_with_unknown_key(tmp_path):
     bad.write_text("stages:\n  s1:\n    lr: 1.0e-3\n    epoch: 1\n")
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         load_recipe(str(bad))
+
+
+def test_overrides_never_change_the_cached_preset():
+    from tinylmm import zoo
+
+    before = json.dumps(zoo.get("toy").model, sort_keys=True)
+    resolve("toy", "share", ["model.llm.config.hidden_size=64", "model.vision.config.image_size=32"])
+    assert json.dumps(zoo.get("toy").model, sort_keys=True) == before

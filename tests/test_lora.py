@@ -278,3 +278,17 @@ def test_an_llm_no_stage_trains_in_full_is_loaded_in_bf16_under_bf16(tmp_path):
     train(cfg, sources, evaluate=False)
     with safe_open(str(tmp_path / "run" / "share" / "llm-base" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # the base was written in bf16
+
+
+def test_train_warns_before_a_stage_that_will_not_fit(tmp_path, monkeypatch, capsys):
+    import tinylmm.train.loop as loop
+    from rich.console import Console
+
+    monkeypatch.setattr(loop, "device_memory", lambda device: 2**20)  # a 1 MiB machine
+    cfg, sources = resolve("toy", "base", TINY + tiny_stages(("pretrain", "finetune"), steps=1),
+                           output_dir=str(tmp_path / "run"))
+    train(cfg, sources, evaluate=False, console=Console(stderr=True, width=400))
+    err = capsys.readouterr().err
+    assert "memory plan (cpu, budget 1.0 MiB)" in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "'pretrain'" in warnings[0] and "'finetune'" in warnings[1]

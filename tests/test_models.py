@@ -138,3 +138,23 @@ def test_streamed_answer_matches_the_returned_one():
         streamer.put(torch.tensor([i]))
     streamer.end()
     assert "".join(pieces) == "red circle"
+
+
+def test_loss_on_supervised_positions_equals_the_loss_over_all_logits():
+    import torch.nn.functional as F
+    from PIL import Image
+
+    model, proc = build_model(spec())
+    convs = [[("human", "<image>\nWhat color?"), ("gpt", "red")],
+             [("human", "<image>\nHow many shapes are there in the picture?"), ("gpt", "three shapes")]]
+    encs = [proc.encode(c, num_images=1) for c in convs]
+    n = max(len(e.input_ids) for e in encs)
+    ids = torch.tensor([e.input_ids + [0] * (n - len(e.input_ids)) for e in encs])
+    labels = torch.tensor([e.labels + [-100] * (n - len(e.labels)) for e in encs])
+    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (n - len(e.input_ids)) for e in encs])
+    pixels = torch.stack([proc.image_processor(Image.new("RGB", (32, 32)))] * 2)
+    out = model(ids, mask, pixels, labels)
+    full = model(ids, mask, pixels).logits
+    want = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(out.loss_sum, want)
+    assert out.logits.shape[1] < n - 1  # the head ran on the supervised positions only

@@ -16,6 +16,7 @@ set it (see `dump_resolved`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -313,7 +314,7 @@ class Layers:
             self._merge(node.setdefault(path[-1], {}), value, source, list(path))
         else:
             self._forget(path)
-            node[path[-1]] = value
+            node[path[-1]] = copy.deepcopy(value)
             self.sources[".".join(path)] = source
 
     def _merge(self, node: dict, mapping: dict, source: str, path: list[str]):
@@ -323,7 +324,7 @@ class Layers:
                 self._merge(node.setdefault(k, {}), v, source, sub)
             else:
                 self._forget(sub)
-                node[k] = v
+                node[k] = copy.deepcopy(v)  # never alias a layer's data (the zoo is cached)
                 self.sources[".".join(sub)] = source
 
     def _forget(self, path: list[str]):

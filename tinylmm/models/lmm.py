@@ -41,7 +41,7 @@ READABLE = ("tinylmm/1", FORMAT)  # tinylmm/1: every weight in model.safetensors
 
 @dataclass
 class LMMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor  # with labels: only at the supervised positions (see forward)
     loss: torch.Tensor | None = None  # mean over supervised tokens
     loss_sum: torch.Tensor | None = None  # sum over supervised tokens (for token-weighted steps)
     num_tokens: int = 0
@@ -86,17 +86,23 @@ class TinyLMM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None) -> LMMOutput:
+        """Without labels: logits at every position. With labels: the loss, and logits only
+        at the positions whose next token is supervised in some sample of the batch (the
+        head never runs on visual tokens and prompts: with a 100k vocabulary the logits
+        are the largest tensors of a step)."""
         embeds = self.embed(input_ids, pixel_values)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
         if labels is None:
-            return LMMOutput(logits)
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        loss_sum = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        n = int((shift_labels != IGNORE_INDEX).sum())
+            return LMMOutput(self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits)
+        targets = labels[:, 1:]  # the logits at position t predict token t + 1
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            keep = keep.new_zeros(1)  # nothing supervised: a zero loss that still has a graph
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                          logits_to_keep=keep).logits
+        targets = targets[:, keep]
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        n = int((targets != IGNORE_INDEX).sum())
         return LMMOutput(logits, loss_sum / max(n, 1), loss_sum, n)
 
     @torch.no_grad()

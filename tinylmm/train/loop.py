@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,8 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
                                    vision_dtype=half if only_frozen["vision"] else None)
     model.to(accel.device)
 
+    if accel.is_main_process:
+        _warn_if_a_stage_will_not_fit(cfg, accel.device, report)
     stages = list(cfg.stages.items())
     data, loaded = {}, {}
     for name, stage in stages:  # stages reading the same data share one tokenized copy
@@ -162,6 +165,33 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     accel.end_training()
     report.close()
     return result
+
+
+def device_memory(device: torch.device) -> int:
+    """What one process may use: the GPU's memory, or the machine's RAM on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _warn_if_a_stage_will_not_fit(cfg: RunConfig, device: torch.device, report) -> None:
+    """The memory planner, before anything is trained: a stage that will not fit is
+    announced with what to change, instead of failing hours in with an out-of-memory."""
+    from tinylmm.config import ConfigError
+    from tinylmm.train.memory import fmt_bytes, plan_run
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    budget = device_memory(device)
+    try:
+        plan = plan_run(cfg, budget_bytes=budget, device=kind)
+    except ConfigError as e:  # an architecture the planner does not know: train anyway
+        report.note(f"memory plan unavailable: {e}")
+        return
+    peaks = ", ".join(f"{s.name} {fmt_bytes(s.total)}" for s in plan.stages)
+    report.note(f"memory plan ({kind}, budget {fmt_bytes(budget)}): {peaks}")
+    for stage in plan.stages:
+        if not stage.fits:
+            report.warn(stage.warning())
 
 
 def _forget_previous_accelerator() -> None:
@@ -239,10 +269,11 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
             tokens += int(batch["attention_mask"].sum())
             sync = micro == plan.accumulation - 1
             with contextlib.nullcontext() if sync else accel.no_sync(wrapped):
-                out = wrapped(**batch)
+                micro_loss = wrapped(**batch).loss_sum  # the logits are not kept past this line
                 # DDP averages gradients over processes: scale back to a sum over the batch.
-                accel.backward(out.loss_sum * accel.num_processes / global_tokens)
-            loss_sum += out.loss_sum.detach().float()
+                accel.backward(micro_loss * accel.num_processes / global_tokens)
+            loss_sum += micro_loss.detach().float()
+            del micro_loss
         grad_norm = accel.clip_grad_norm_(trainable, stage.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()

@@ -92,7 +92,10 @@ def prepare_stage(model, cfg: RunConfig, name: str, run_dir: Path, *, device="cp
     elif vision_state == "lora" and not adapters.has_vision_lora(model):
         adapters.attach_vision_lora(model, cfg.lora)
         notes.append(f"vision: LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}")
-    model.to(device)
+    # New adapters are created on the CPU; a k-bit LLM is loaded on its device already and
+    # is not moved again (bitsandbytes' packed weights and their quant states move apart).
+    for part in (model.vision, model.connector) if adapters.is_quantized(model.llm) else (model,):
+        part.to(device)
     summary = apply_plan(model, cfg.stages[name], f"stages.{name}")
     if half_dtype is not None:
         store_frozen_in(model, half_dtype)

@@ -25,6 +25,10 @@ class Reporter:
         if self.is_main:
             self.console.print(f"[dim]•[/dim] {text}")
 
+    def warn(self, text: str) -> None:
+        if self.is_main:
+            self.console.print(f"[bold yellow]warning:[/bold yellow] {text}")
+
     def truncate_metrics(self, stage: str, step: int) -> None:
         """On resume, drop the records past the checkpoint (they will be written again)."""
         if not self.is_main or not self.metrics_path.exists():
