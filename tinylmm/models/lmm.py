@@ -186,6 +186,9 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
     from tinylmm.models import adapters
     from tinylmm.models.vision import VisionTower, _vision_classes
 
+    from tinylmm.models.loading import quiet_libraries
+
+    quiet_libraries()
     path = Path(path)
     meta = read_meta(path)
     spec = from_dict(ModelSpec, meta["model"], str(path / "tinylmm.json"))

@@ -36,3 +36,14 @@ def from_pretrained_or_fail(cls, name: str, what: str, **kwargs):
         if isinstance(err, ValueError) and "connect" not in str(err).lower() and "offline" not in str(err).lower():
             raise
         raise ModelNotFoundError(_missing_message(what, name, err)) from None
+
+
+def quiet_libraries() -> None:
+    """tinylmm's own output is what the user reads: no per-file bars from transformers when
+    a checkpoint or an LLM base is written or read, no deprecation chatter between libraries."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft -> transformers

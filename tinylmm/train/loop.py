@@ -20,6 +20,7 @@ import torch
 from tinylmm.config import RunConfig, dump_resolved, load_resolved, parse_trainability
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.templates import get_template
+from tinylmm.models.loading import quiet_libraries
 from tinylmm.models.lmm import build_model, restore_parts
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train.optim import build_optimizer
@@ -75,7 +76,7 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
         assert cfg is not None
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
 
-    _quiet_libraries()
+    quiet_libraries()
     precision, precision_note = resolve_precision(cfg.train.precision)
     # cpu=True when there is no accelerator: under `accelerate launch` (torchrun) this is
     # what makes accelerate form a gloo process group instead of N independent runs.
@@ -202,17 +203,6 @@ def _forget_previous_accelerator() -> None:
 
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def _quiet_libraries() -> None:
-    """Our progress display is the one the user reads: no per-file bars from transformers
-    when a stage writes or reloads the LLM base, no deprecation chatter between libraries."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft -> transformers
 
 
 def _enable_checkpointing(model) -> None:
