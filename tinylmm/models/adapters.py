@@ -72,8 +72,11 @@ def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: 
 def lora_config(spec: LoraSpec, targets: list[str], task_type: str | None = None, modules_to_save=None):
     from peft import LoraConfig
 
+    # ensure_weight_tying: a trained copy of a tied head is the embedding too (one tensor),
+    # so merging and saving cannot silently drop one of the two.
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      bias="none", task_type=task_type, modules_to_save=modules_to_save or None)
+                      bias="none", task_type=task_type, modules_to_save=modules_to_save or None,
+                      ensure_weight_tying=bool(modules_to_save))
 
 
 def check_modules_to_save(llm: nn.Module, names: list[str]) -> list[str]:
