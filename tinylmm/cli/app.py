@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, evaluate, registry, train
+from tinylmm.cli import chat, evaluate, merge, plan, registry, train
 
 app = typer.Typer(
     name="tinylmm",
@@ -19,8 +19,10 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("chat")(chat.chat)
 app.command("eval")(evaluate.evaluate)
+app.command("merge")(merge.merge)
 app.command("ls")(registry.ls)
 app.command("cp")(registry.cp)
+app.command("plan")(plan.plan)
 
 
 def main() -> None:

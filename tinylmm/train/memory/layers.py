@@ -1,0 +1,99 @@
+"""The blocks the planner knows, op by op as their forward code runs them: LLaMA-like
+decoder layers (llama, mistral, qwen2), StableLM's and Phi's, CLIP / SigLIP encoder layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tinylmm.config import ConfigError, RunConfig
+from tinylmm.train.memory.tracer import Linear, Norm, Sym, Tracer
+from tinylmm.train.memory.trainability import ComponentState
+
+MEASURED_LLMS = ("llama", "phi", "stablelm")  # layouts checked against torch (bench/memory_check.py)
+
+
+@dataclass
+class LLMDims:
+    family: str  # llama | phi | stablelm
+    heads: int
+    kv_heads: int
+    rotary_partial: bool
+    resid_pdrop: float
+
+
+def llm_dims(config) -> LLMDims:
+    mt = config.model_type
+    heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0)
+    return LLMDims(mt if mt in ("phi", "stablelm") else "llama", heads,
+                   getattr(config, "num_key_value_heads", None) or heads, partial < 1.0,
+                   float(getattr(config, "resid_pdrop", 0.0) or 0.0))
+
+
+class LayerView:
+    """A block's linear layers and norms, by the module's own names, as the tracer needs them."""
+
+    def __init__(self, block: nn.Module, prefix: str, state: ComponentState, cfg: RunConfig, half: int | None):
+        self.block, self.prefix, self.state, self.cfg, self.half = block, prefix, state, cfg, half
+
+    def _get(self, name: str) -> nn.Module:
+        try:
+            return self.block.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(
+                f"the memory planner does not know the layer layout of {type(self.block).__name__} (no '{name}'); "
+                "it knows LLaMA-like (llama, mistral, qwen2), StableLM and Phi LLMs, CLIP and SigLIP towers"
+            ) from None
+
+    def wbytes(self, p) -> float:
+        return self.state.bytes_per_element(p, self.half, self.cfg.quant.bits)
+
+    def lin(self, name: str) -> Linear:
+        m = self._get(name)
+        full = f"{self.prefix}.{name}" if self.prefix else name
+        r = self.cfg.lora.r if full in self.state.lora else 0
+        return Linear(m.in_features, m.out_features, self.wbytes(m.weight), self.state.trains(m.weight),
+                      id(m.weight) in self.state.quantized, r, self.state.lora_trainable and bool(r),
+                      self.cfg.lora.dropout)
+
+    def norm(self, name: str) -> Norm:
+        m = self._get(name)
+        return Norm(self.wbytes(m.weight), self.state.trains(m.weight))
+
+
+def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, eager: bool) -> Sym:
+    repeat = d.kv_heads < d.heads and (mask or eager)
+    # CPU sdpa writes a (b, heads, s, d) output when q was rebuilt by a partial-rotary
+    # concatenation: o_proj then reads a transposed copy. CUDA kernels write (b, s, heads, d).
+    out_copy = d.rotary_partial and not tr.cuda
+
+    def attention(h: Sym, out_name: str) -> Sym:
+        q, k, v = (tr.linear(h, L.lin(f"self_attn.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+        # rotary embeddings: q * cos + rotate_half(q) * sin, new tensors that save nothing
+        a = tr.sdpa(q.like(), k.like(), v, d.heads, repeat_kv=repeat, mask=mask, eager=eager)
+        return tr.linear(a.like() if out_copy else a, L.lin(f"self_attn.{out_name}"))
+
+    if d.family == "phi":  # parallel block: one layer norm feeds attention and MLP
+        h = tr.layernorm(x, L.norm("input_layernorm"))
+        o = tr.dropout(attention(h, "dense"), d.resid_pdrop)
+        m = tr.linear(tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=4), L.lin("mlp.fc2"))  # gelu_new
+        return tr.add(tr.add(o, tr.dropout(m, d.resid_pdrop)), x)
+    norm = tr.layernorm if d.family == "stablelm" else tr.rmsnorm
+    x = tr.add(x, attention(norm(x, L.norm("input_layernorm")), "o_proj"))
+    h = norm(x, L.norm("post_attention_layernorm"))
+    g = tr.unary(tr.linear(h, L.lin("mlp.gate_proj")))  # silu saves its input
+    p = tr.mul(g, tr.linear(h, L.lin("mlp.up_proj")))
+    return tr.add(x, tr.linear(p, L.lin("mlp.down_proj")))
+
+
+def vit_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, act_saves: int, eager: bool) -> Sym:
+    h = tr.layernorm(x, L.norm("layer_norm1"))
+    q, k, v = (tr.linear(h, L.lin(f"self_attn.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
+    x = tr.add(x, tr.linear(a, L.lin("self_attn.out_proj")))
+    h = tr.layernorm(x, L.norm("layer_norm2"))
+    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=act_saves)
+    return tr.add(x, tr.linear(m, L.lin("mlp.fc2")))
