@@ -59,6 +59,7 @@ def test_bad_names_and_keys_are_errors_with_suggestions(args, message):
 
 def test_override_values_are_typed_yaml():
     assert parse_override("stages.finetune.lr=1e-4") == (["stages", "finetune", "lr"], 1e-4)
+    assert parse_override("model.vision.config={layer_norm_eps: 1e-06, name: 1e-x}")[1] == {"layer_norm_eps": 1e-6, "name": "1e-x"}
     assert parse_override("train.gradient_checkpointing=true")[1] is True
     assert parse_override("eval.bench=[]")[1] == []
     cfg, _ = resolve("toy", "share", ["stages.finetune.lr=3e-4", "model.connector.type=resampler"])

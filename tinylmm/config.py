@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -281,13 +282,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    # YAML 1.1 reads 1e-4 as a string; numbers written that way are meant as floats.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in "e.") else value
-        except ValueError:
-            pass
-    return path, value
+    return path, _yaml11_floats(value)
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml11_floats(value):
+    """YAML 1.1 reads 1e-4 and 1e-06 as strings; numbers written that way are meant as
+    floats, at any depth (an inline architecture config: `{layer_norm_eps: 1e-06}`)."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _yaml11_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml11_floats(v) for v in value]
+    return value
 
 
 class Layers:
