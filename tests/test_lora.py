@@ -295,3 +295,13 @@ def test_train_warns_before_a_stage_that_will_not_fit(tmp_path, monkeypatch, cap
     assert "memory plan (cpu, budget 1.0 MiB)" in err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and "'pretrain'" in warnings[0] and "'finetune'" in warnings[1]
+
+
+def test_4bit_generation_with_a_width_not_a_multiple_of_32(tmp_path):
+    # bitsandbytes' AVX512-bf16 CPU inference path asserts out_features % 32 == 0; the
+    # toy's MLP is 344 wide. Found when the toy's --tune qlora run reached its evaluation.
+    model, processor, _ = prepared(tmp_path, extra=["model.llm.config.intermediate_size=100"])
+    model.eval()
+    x = batch(processor)
+    out = model.generate(x["input_ids"], x["attention_mask"], x["pixel_values"], max_new_tokens=3)
+    assert out.shape[-1] >= 1

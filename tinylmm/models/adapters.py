@@ -132,7 +132,24 @@ def load_llm(directory: Path, *, quant: QuantSpec | None, device=None, attn_impl
                       dtype=DTYPES[quant.compute_dtype])
     elif dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    llm = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    if quant is not None:
+        avoid_cpu_packing_assert(llm)
+    return llm
+
+
+def avoid_cpu_packing_assert(llm: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 CPU inference kernel,
+    which needs output widths in multiples of 32 and input widths in whole quantization
+    blocks (the toy's MLP is 344 wide: an assertion or a shape error). Such layers take
+    bitsandbytes' general path, as they do in training."""
+    import bitsandbytes as bnb
+
+    for m in llm.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            block = getattr(m.weight.quant_state, "blocksize", 64)
+            if m.out_features % 32 or m.in_features % block:
+                m.support_avx512bf16_for_cpu = False
 
 
 def quantize_llm(model, base_dir: Path, quant: QuantSpec, *, device, attn_implementation: str) -> None:

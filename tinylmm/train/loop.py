@@ -94,6 +94,8 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
             dump_resolved(cfg, sources or {}, run_dir / "config.yaml")
         accel.wait_for_everyone()
 
+    if accel.is_main_process:  # before the model is built: building it may be what runs out
+        _warn_if_a_stage_will_not_fit(cfg, accel.device, report)
     set_seed(cfg.train.seed)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # A part no stage trains in full is only ever a frozen base: load it in the half dtype
@@ -105,8 +107,6 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
                                    vision_dtype=half if only_frozen["vision"] else None)
     model.to(accel.device)
 
-    if accel.is_main_process:
-        _warn_if_a_stage_will_not_fit(cfg, accel.device, report)
     stages = list(cfg.stages.items())
     data, loaded = {}, {}
     for name, stage in stages:  # stages reading the same data share one tokenized copy
