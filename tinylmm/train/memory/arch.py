@@ -87,17 +87,11 @@ def _llm_config(data: dict):
 
 def _vision_config(data: dict):
     """(config, model class) of a vision tower config, as tinylmm builds it (sdpa)."""
-    from tinylmm.config import unknown
-    from tinylmm.models.vision import _vision_classes
+    from tinylmm.models.vision import _config_from_dict, _vision_classes
 
-    classes = _vision_classes()
-    model_type = data.get("model_type")
-    if model_type not in classes:
-        raise unknown("vision model_type", str(model_type), classes)
-    cfg_cls, model_cls = classes[model_type]
-    cfg = cfg_cls(**{k: v for k, v in data.items() if k != "model_type" and k not in _NOT_CONFIG})
+    cfg = _config_from_dict({k: v for k, v in data.items() if k not in _NOT_CONFIG})
     cfg._attn_implementation = "sdpa"
-    return cfg, model_cls
+    return cfg, _vision_classes()[cfg.model_type][1]
 
 
 def count_llm_parameters(data: dict) -> int:
