@@ -28,7 +28,8 @@ class PlanSummary:
         return ", ".join(f"{c} {self.trainable[c]:,}/{self.total[c]:,}" for c in COMPONENTS)
 
 
-def _component_layers(model, component: str) -> nn.ModuleList | None:
+def component_layers(model, component: str) -> nn.ModuleList | None:
+    """The layer stack partial training counts in (none for the connector)."""
     if component == "vision":
         return model.vision.layers
     if component == "llm":
@@ -36,24 +37,29 @@ def _component_layers(model, component: str) -> nn.ModuleList | None:
     return None
 
 
-def _partial(module: nn.Module, layers: nn.ModuleList, first: int, component: str) -> None:
-    """Layers from `first` on train; embeddings and earlier layers stay frozen.
-    Parameters after the layer stack (final norm, LLM head) train with the top layers."""
-    module.requires_grad_(False)
-    for layer in layers[first:]:
-        layer.requires_grad_(True)
+def partial_trainable(module: nn.Module, layers: nn.ModuleList, first: int, component: str) -> list[nn.Parameter]:
+    """What `partial:<first>` trains: the layers from `first` on, and the parameters after
+    the layer stack (final norm, LLM head) with the top layers; embeddings and earlier
+    layers stay frozen. An untied LLM head trains too."""
+    out = [p for layer in layers[first:] for p in layer.parameters()]
     layer_params = {id(p) for p in layers.parameters()}
     seen_layers = False
     for name, p in module.named_parameters():
         if id(p) in layer_params:
             seen_layers = True
-            continue
-        if seen_layers and "embed" not in name:
-            p.requires_grad_(True)
+        elif seen_layers and "embed" not in name:
+            out.append(p)
     if component == "llm":
-        out = module.get_output_embeddings()
-        if out is not None and out.weight is not module.get_input_embeddings().weight:
-            out.weight.requires_grad_(True)
+        head = module.get_output_embeddings()
+        if head is not None and head.weight is not module.get_input_embeddings().weight:
+            out.append(head.weight)
+    return out
+
+
+def _partial(module: nn.Module, layers: nn.ModuleList, first: int, component: str) -> None:
+    module.requires_grad_(False)
+    for p in partial_trainable(module, layers, first, component):
+        p.requires_grad_(True)
 
 
 def prepare_stage(model, cfg: RunConfig, name: str, run_dir: Path, *, device="cpu", attn_implementation="sdpa",
@@ -132,7 +138,7 @@ def apply_plan(model, stage: StageConfig, where: str = "stage") -> PlanSummary:
             if not n:
                 raise ConfigError(f"{where}.tune.{component}: {t.mode} but the {component} has no adapters")
         else:
-            layers = _component_layers(model, component)
+            layers = component_layers(model, component)
             if layers is None:
                 raise ConfigError(f"{where}.tune.{component}: the connector has no layers to train partially")
             _partial(module, layers, t.first_index(len(layers), f"{where}.tune.{component}"), component)

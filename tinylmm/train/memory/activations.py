@@ -16,6 +16,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from tinylmm.config import COMPONENTS, ConfigError, RunConfig
+from tinylmm.models.llm import decoder_layers
 from tinylmm.train.memory.arch import MetaModel
 from tinylmm.train.memory.layers import MEASURED_LLMS, LayerView, decoder_layer, llm_dims, vit_layer
 from tinylmm.train.memory.tracer import Linear, Norm, Sym, Tracer
@@ -266,7 +267,7 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     def run_decoder(tr, x, layer):
         return decoder_layer(tr, x, LayerView(layer, names[id(layer)], ls, cfg, half), d, mask=mask, eager=eager)
 
-    x, l_acts = _trace_stack(tracer(seq_len), x, meta.layers("llm"), run_decoder)
+    x, l_acts = _trace_stack(tracer(seq_len), x, decoder_layers(meta.llm), run_decoder)
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
     final = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
     fn = Norm(l_bytes(final.weight), ls.trains(final.weight))

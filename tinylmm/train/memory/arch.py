@@ -144,14 +144,6 @@ class MetaModel:
     def component(self, name: str) -> nn.Module:
         return getattr(self, name)
 
-    def layers(self, name: str) -> nn.ModuleList | None:
-        if name == "vision":
-            return self.vision.layers
-        if name == "llm":
-            from tinylmm.models.llm import decoder_layers
-
-            return decoder_layers(self.llm)
-        return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,7 +1,7 @@
 """Which parameters train in a stage, and how each one is stored.
 
-A mirror of what tinylmm.train.plan does to the real model (tests/test_memory.py holds
-the two together), applied to the meta model.
+The rules of tinylmm.train.plan and tinylmm.models.adapters (the same functions), applied
+to the meta model.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from tinylmm.config import ConfigError, RunConfig, component_states, parse_trainability
+from tinylmm.models.adapters import resolve_targets
 from tinylmm.train.memory.arch import MetaModel
+from tinylmm.train.plan import component_layers, partial_trainable
 
 HALF = {"bf16": 2, "fp16": 2}  # bytes per element of the mixed-precision dtypes
 
@@ -43,36 +45,13 @@ class ComponentState:
         return half
 
 
-def _partial_trainable(module: nn.Module, layers: nn.ModuleList, first: int, is_llm: bool) -> set:
-    """tinylmm.train.plan._partial: the layers from `first` on, the parameters after the
-    layer stack (final norm, head) and an untied output head."""
-    out = set()
-    for layer in layers[first:]:
-        out |= {id(p) for p in layer.parameters()}
-    layer_params = {id(p) for p in layers.parameters()}
-    seen = False
-    for name, p in module.named_parameters():
-        if id(p) in layer_params:
-            seen = True
-        elif seen and "embed" not in name:
-            out.add(id(p))
-    if is_llm:
-        head = module.get_output_embeddings()
-        if head is not None and head.weight is not module.get_input_embeddings().weight:
-            out.add(id(head.weight))
-    return out
-
-
 def _lora_targets(module: nn.Module, targets: list[str], is_llm: bool) -> dict:
-    """The linear layers peft puts an adapter on (never the LM head)."""
+    """The linear layers peft puts an adapter on (never the LM head), as the training code
+    resolves `lora.targets` -> module name: (in, out)."""
     head = module.get_output_embeddings() if is_llm else None
-    found = {}
-    for name, m in module.named_modules():
-        if not isinstance(m, nn.Linear) or m is head:
-            continue
-        if "all-linear" in targets or any(name == t or name.endswith("." + t) for t in targets):
-            found[name] = (m.in_features, m.out_features)
-    return found
+    names = set(resolve_targets(module, targets, "llm" if is_llm else "vision tower", exclude=head))
+    return {name: (m.in_features, m.out_features) for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and name.rsplit(".", 1)[-1] in names}
 
 
 def component_state(meta: MetaModel, cfg: RunConfig, stage: str, comp: str) -> ComponentState:
@@ -84,10 +63,10 @@ def component_state(meta: MetaModel, cfg: RunConfig, stage: str, comp: str) -> C
     if t.mode == "full":
         trainable = {id(p) for p in module.parameters()}
     elif t.mode == "partial":
-        layers = meta.layers(comp)
+        layers = component_layers(meta, comp)
         if layers is None:
             raise ConfigError(f"{where}: the connector has no layers to train partially")
-        trainable = _partial_trainable(module, layers, t.first_index(len(layers), where), comp == "llm")
+        trainable = {id(p) for p in partial_trainable(module, layers, t.first_index(len(layers), where), comp)}
     lora, quantized, copies = {}, set(), set()
     if structure in ("lora", "qlora"):
         lora = _lora_targets(module, cfg.lora.targets, comp == "llm")
