@@ -10,21 +10,26 @@ from tinylmm.config import ConfigError, load_resolved, parse_override, resolve
 
 
 def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, output_dir=None, config=None,
-              resume=None, evaluate: bool = True, console=None, tune: str | None = None):
+              resume=None, evaluate: bool = True, console=None, tune: str | None = None,
+              llm: str | None = None, vision: str | None = None):
     """Resolve the config (or reload a saved one) and train. Returns a `RunResult`.
-    `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe trains it."""
+    `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe trains it;
+    `llm` / `vision` load that part from a local directory (or another hub id)."""
     from tinylmm.train.loop import train
 
     if resume is not None:
-        if config is not None or overrides or tune is not None:
-            raise ConfigError("--resume continues a run with its saved config; drop --config, --tune and overrides")
+        if config is not None or overrides or tune is not None or llm is not None or vision is not None:
+            raise ConfigError("--resume continues a run with its saved config; drop --config, --tune, "
+                              "--llm, --vision and overrides")
         return train(resume_dir=resume, console=console, evaluate=evaluate)
     if config is not None:
         if tune is not None:
             raise ConfigError("--tune applies to a recipe; a saved --config already holds its stages' modes")
+        if llm is not None or vision is not None:
+            raise ConfigError("with --config, set the parts as overrides: model.llm.name_or_path=DIR ...")
         cfg, sources = _from_saved(Path(config), overrides)
     else:
-        cfg, sources = resolve(preset, recipe, list(overrides), output_dir=None, tune=tune)
+        cfg, sources = resolve(preset, recipe, list(overrides), output_dir=None, tune=tune, llm=llm, vision=vision)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
         sources["output_dir"] = "cli"

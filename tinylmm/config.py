@@ -355,8 +355,12 @@ def resolve(
     *,
     output_dir: str | None = None,
     tune: str | None = None,
+    llm: str | None = None,
+    vision: str | None = None,
 ) -> tuple[RunConfig, dict[str, str]]:
     """Assemble the run config from preset + recipe + overrides (+ the `--tune` switch).
+    `llm` / `vision` (the `--llm PATH` / `--vision PATH` flags) load that part of the preset
+    from a local directory or another hub id; `key=value` overrides still win.
     Returns (config, sources)."""
     from tinylmm import zoo
     from tinylmm.recipes import load_recipe
@@ -384,6 +388,13 @@ def resolve(
                 layers.apply(values, f"preset:{p.name}", ("stages", stage))
     for key, value in p.settings.items():
         layers.apply({key: value}, f"preset:{p.name}")
+    # The weights come from PATH, so the preset's inline architecture (if any) no longer
+    # applies; an LLM directory holds its tokenizer too.
+    if llm is not None:
+        layers.set(["model", "llm"], {"name_or_path": str(llm), "tokenizer": str(llm), "config": None}, "cli --llm")
+    if vision is not None:
+        layers.set(["model", "vision", "name_or_path"], str(vision), "cli --vision")
+        layers.set(["model", "vision", "config"], None, "cli --vision")
     for path, value in parsed:
         if path in (["preset"], ["recipe"]):
             continue

@@ -10,6 +10,8 @@ def plan(
     preset: str = typer.Option("toy", "--preset", "-p", help="model preset (tinylmm ls presets)"),
     recipe: str = typer.Option("share", "--recipe", "-r", help="recipe name or YAML file (tinylmm ls recipes)"),
     tune: Optional[str] = typer.Option(None, "--tune", help="full | lora | qlora: how stages that train the LLM train it"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="the preset's LLM from this local directory (its config.json is planned)"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="the preset's vision tower from this local directory"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="tokens per sample, visual tokens included (default: each stage's max_len)"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="samples per step and process (default: each stage's micro_batch_size)"),
     logit_positions: Optional[int] = typer.Option(
@@ -29,7 +31,7 @@ def plan(
     from tinylmm.train.memory import fmt_bytes, parse_size, plan_run
 
     budget_bytes = parse_size(budget)
-    cfg, _ = resolve(preset=preset, recipe=recipe, overrides=overrides or [], tune=tune)
+    cfg, _ = resolve(preset=preset, recipe=recipe, overrides=overrides or [], tune=tune, llm=llm, vision=vision)
     result = plan_run(cfg, seq_len=seq_len, micro_batch=micro_batch, budget_bytes=budget_bytes, device=device,
                       logit_positions=logit_positions)
     if json_out:

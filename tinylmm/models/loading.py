@@ -19,7 +19,8 @@ def _missing_message(what: str, name: str, err: Exception) -> str:
     return (
         f"could not load the {what} '{name}': looked for {looked}.\n"
         f"  Fix: download it once (huggingface-cli download {name} --local-dir DIR) and point "
-        f"tinylmm at DIR, e.g. `model.llm.name_or_path=DIR` or `model.vision.name_or_path=DIR`.\n"
+        f"tinylmm at DIR: `--llm DIR` / `--vision DIR`, or `model.llm.name_or_path=DIR` / "
+        f"`model.vision.name_or_path=DIR`.\n"
         f"  ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     )
 

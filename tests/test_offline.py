@@ -1,0 +1,88 @@
+"""Offline first: every part of a preset can come from a local directory (`--llm`, `--vision`)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinylmm.config import ConfigError, resolve
+from tinylmm.models.lmm import build_model
+from tinylmm.models.loading import ModelNotFoundError
+
+from conftest import TINY, tiny_stages
+
+
+@pytest.fixture(scope="module")
+def local_parts(tmp_path_factory):
+    """A tiny LLaMA (with the toy tokenizer) and a tiny SigLIP tower, saved as a hub download would be."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from tinylmm.resources import asset
+
+    root = tmp_path_factory.mktemp("local")
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    llm.save_pretrained(root / "llm")
+    AutoTokenizer.from_pretrained(str(asset("toy-tokenizer"))).save_pretrained(root / "llm")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(root / "vision")
+    return root, llm
+
+
+def test_llm_and_vision_flags_load_the_parts_from_directories(local_parts):
+    root, llm = local_parts
+    cfg, sources = resolve("tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(root / "vision"))
+    assert cfg.model.llm.name_or_path == cfg.model.llm.tokenizer == str(root / "llm")
+    assert cfg.model.vision.name_or_path == str(root / "vision")
+    assert sources["model.llm.name_or_path"] == "cli --llm" and sources["model.vision.name_or_path"] == "cli --vision"
+    model, proc = build_model(cfg.model)
+    # the weights are the directory's, not a random initialisation
+    torch.testing.assert_close(model.llm.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+    assert model.vision.image_size == 32 and model.num_image_tokens == 16
+
+
+def test_flags_replace_an_inline_architecture(local_parts):
+    root, _ = local_parts
+    cfg, _ = resolve("toy", "share", llm=str(root / "llm"))
+    assert cfg.model.llm.config is None  # the toy's random LLaMA gives way to the directory
+    assert cfg.model.vision.config is not None  # the part not named keeps the preset's
+
+
+def test_an_override_still_wins_over_a_flag(local_parts):
+    root, _ = local_parts
+    cfg, _ = resolve("toy", "share", ["model.llm.tokenizer=builtin:toy"], llm=str(root / "llm"))
+    assert cfg.model.llm.tokenizer == "builtin:toy"
+
+
+def test_cli_trains_from_local_directories_and_a_missing_one_fails_fast(local_parts, tmp_path):
+    root, _ = local_parts
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "tinylmm.cli.app", "train", "--preset", "tinyllava-tinyllama-siglip-1.5b",
+           "--llm", str(root / "llm"), "--vision", str(root / "vision"), "--no-eval", "-o", str(tmp_path / "run"),
+           *[o for o in TINY if not o.startswith("model.")], *tiny_stages(steps=1), "stages.pretrain.data={shapes: caption}",
+           "stages.share.data={shapes: caption}", "stages.finetune.data={shapes: instruct}",
+           "stages.share.tune.vision=partial:-1"]
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "finetune" / "final" / "tinylmm.json").exists()
+    missing = subprocess.run(run[:6] + ["--llm", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "nothing-here" in missing.stderr and "--llm DIR" in missing.stderr
+
+
+def test_resume_refuses_part_flags(tmp_path):
+    from tinylmm.api import train_run
+
+    with pytest.raises(ConfigError, match="--llm"):
+        train_run(resume=tmp_path, llm="somewhere")
+
+
+def test_missing_local_part_names_the_path(local_parts, tmp_path):
+    root, _ = local_parts
+    cfg, _ = resolve("tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(tmp_path / "no-tower"))
+    with pytest.raises(ModelNotFoundError, match="no-tower"):
+        build_model(cfg.model)
