@@ -86,3 +86,12 @@ def test_missing_local_part_names_the_path(local_parts, tmp_path):
     cfg, _ = resolve("tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(tmp_path / "no-tower"))
     with pytest.raises(ModelNotFoundError, match="no-tower"):
         build_model(cfg.model)
+
+
+def test_a_partial_index_past_the_tower_fails_before_the_first_stage(tmp_path):
+    from tinylmm.api import train_run
+
+    overrides = TINY + tiny_stages(steps=1) + ["stages.share.tune.vision=partial:12"]  # the tiny tower has 3 layers
+    with pytest.raises(ConfigError, match="stages.share.tune.vision: partial:12"):
+        train_run("toy", "share", overrides, output_dir=tmp_path / "run", evaluate=False)
+    assert not (tmp_path / "run" / "pretrain").exists()  # stage 1 never ran

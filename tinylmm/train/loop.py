@@ -24,7 +24,7 @@ from tinylmm.models.loading import quiet_libraries
 from tinylmm.models.lmm import build_model, restore_parts
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train.optim import build_optimizer
-from tinylmm.train.plan import param_groups, prepare_stage
+from tinylmm.train.plan import check_partial_layers, param_groups, prepare_stage
 from tinylmm.train.progress import Reporter
 from tinylmm.train.runtime import has_accelerator, resolve_attention, resolve_precision
 from tinylmm.train.schedule import StageSampler, lr_lambda, plan_steps, step_indices
@@ -105,6 +105,7 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     model, processor = build_model(cfg.model, attn_implementation=attn,
                                    llm_dtype=half if only_frozen["llm"] else None,
                                    vision_dtype=half if only_frozen["vision"] else None)
+    check_partial_layers(model, cfg)
     model.to(accel.device)
 
     stages = list(cfg.stages.items())

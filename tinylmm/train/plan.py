@@ -120,6 +120,16 @@ def store_frozen_in(model, dtype: torch.dtype) -> None:
             p.data = p.data.to(want)
 
 
+def check_partial_layers(model, cfg: RunConfig) -> None:
+    """Every stage's `partial:N` against the built model's depth, before any stage runs: a
+    wrong index must not surface after hours of an earlier stage."""
+    for name, stage in cfg.stages.items():
+        for component in ("vision", "llm"):
+            t = parse_trainability(stage.tune[component], f"stages.{name}.tune.{component}")
+            if t.mode == "partial":
+                t.first_index(len(component_layers(model, component)), f"stages.{name}.tune.{component}")
+
+
 def apply_plan(model, stage: StageConfig, where: str = "stage") -> PlanSummary:
     for component in COMPONENTS:
         module = getattr(model, component)
