@@ -173,7 +173,7 @@ class MetaModel:
 
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # every shipped preset (tinylmm zoo ls), and some more
 def _build_meta(key: str) -> MetaModel:
     from transformers import AutoModelForCausalLM
 
