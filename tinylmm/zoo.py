@@ -15,6 +15,7 @@ cannot register the same name.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,10 +228,17 @@ class Stats:
 
 
 def stats(name: str) -> Stats:
+    from tinylmm.config import to_dict
+
+    return _stats(json.dumps(to_dict(get(name).model_spec()), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(spec_json: str) -> Stats:
     from tinylmm.models.vision import image_mean_std
     from tinylmm.train.memory import arch_config, build_meta, count_vision_parameters
 
-    spec = get(name).model_spec()
+    spec = from_dict(ModelSpec, json.loads(spec_json))
     meta = build_meta(spec)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     mean, std = image_mean_std(spec.vision, meta.vision_config.model_type)
