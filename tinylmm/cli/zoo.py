@@ -125,7 +125,7 @@ def show(
                    f"{p['vision']:,}")
     params.add_row("connector", f"{p['connector']:,}")
     params.add_row("[bold]total[/bold]", f"[bold]{p['total']:,}[/bold] ({_billions(p['total'])})", end_section=True)
-    params.add_row("[dim]vision tower as published (every layer, head)[/dim]", f"[dim]{p['vision_full']:,}[/dim]")
+    params.add_row("[dim]vision tower uncut (every layer, head)[/dim]", f"[dim]{p['vision_full']:,}[/dim]")
     out.print(params)
 
     if d["scores"]:
@@ -137,7 +137,7 @@ def show(
         out.print(f"[dim]source: {d['scores_source']}[/dim]", highlight=False)
     for extra in ("stage_defaults", "run"):
         if d[extra]:
-            out.print(f"[bold]{extra}[/bold]:\n" + yaml.safe_dump(d[extra], sort_keys=False, width=100).rstrip(),
+            out.print(f"[bold]{extra}[/bold]:\n" + yaml.safe_dump(d[extra], sort_keys=False, default_flow_style=None, width=100).rstrip(),
                       highlight=False)
 
     plan = d["plan"]
