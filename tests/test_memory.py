@@ -77,11 +77,11 @@ def test_planner_counts_the_cut_tower_and_the_grown_embedding():
 
 
 def test_every_embedded_config_builds_and_unknown_ids_fail_clearly(tmp_path):
-    assert len(mem.embedded_archs()) == 6
+    assert len(mem.embedded_archs()) >= 6  # every preset's: tests/test_zoo.py
     for hub_id in mem.embedded_archs():
         data = arch(hub_id)
         count = mem.count_vision_parameters if data["model_type"].endswith("vision_model") else mem.count_llm_parameters
-        assert count(data) > 3e8
+        assert count(data) > 9e7
     with pytest.raises(ConfigError, match="(?s)'nobody/model'.*huggingface-cli download nobody/model config.json"):
         mem.arch_config(LLMSpec(name_or_path="nobody/model"), "llm")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": {"hidden_size": 64}}))

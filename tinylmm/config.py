@@ -416,8 +416,9 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.model.connector.type not in CONNECTORS:
         raise unknown("connector", cfg.model.connector.type, CONNECTORS)
-    if cfg.model.template not in TEMPLATES:
-        raise unknown("template", cfg.model.template, TEMPLATES)
+    # "auto": the LLM tokenizer's own chat template
+    if cfg.model.template not in TEMPLATES and cfg.model.template != "auto":
+        raise unknown("template", cfg.model.template, [*TEMPLATES, "auto"])
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")
     for bench in cfg.eval.bench:

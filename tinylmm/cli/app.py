@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, evaluate, merge, plan, registry, train
+from tinylmm.cli import chat, evaluate, merge, plan, registry, train, zoo
 
 app = typer.Typer(
     name="tinylmm",
@@ -23,6 +23,7 @@ app.command("merge")(merge.merge)
 app.command("ls")(registry.ls)
 app.command("cp")(registry.cp)
 app.command("plan")(plan.plan)
+app.add_typer(zoo.app, name="zoo")
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
+
+from tinylmm.cli.zoo import ZOO_HELP, register
 
 
 def plan(
@@ -21,6 +24,7 @@ def plan(
     budget: str = typer.Option("24GB", "--budget", help="memory of the device, e.g. 24GB, 16GiB, 12000MB (GB = GiB = 2^30 bytes)"),
     device: str = typer.Option("cuda", "--device", help="cuda (default: plan for one GPU) | cpu"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    zoo_file: Optional[Path] = typer.Option(None, "--zoo", help=ZOO_HELP),
 ):
     """Plan the memory of every stage (no weights needed): breakdown, total, verdict, largest micro-batch."""
     import json
@@ -31,6 +35,7 @@ def plan(
     from tinylmm.train.memory import fmt_bytes, parse_size, plan_run
 
     budget_bytes = parse_size(budget)
+    register(zoo_file)
     cfg, _ = resolve(preset=preset, recipe=recipe, overrides=overrides or [], tune=tune, llm=llm, vision=vision)
     result = plan_run(cfg, seq_len=seq_len, micro_batch=micro_batch, budget_bytes=budget_bytes, device=device,
                       logit_positions=logit_positions)

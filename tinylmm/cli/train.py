@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from tinylmm.cli.zoo import ZOO_HELP, register
+
 
 def train(
     overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. stages.finetune.lr=1e-4"),
@@ -17,12 +19,14 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="a saved config.yaml to run again (overrides still apply)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted run in this directory"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the held-out evaluation after the last stage"),
+    zoo_file: Optional[Path] = typer.Option(None, "--zoo", help=ZOO_HELP),
 ):
     """Train a model through every stage of a recipe (default: toy preset, shapes data, share recipe)."""
     from rich.console import Console
 
     from tinylmm.api import train_run
 
+    register(zoo_file)
     console = Console(stderr=True)
     result = train_run(preset=preset, recipe=recipe, overrides=overrides or [], output_dir=output_dir,
                        config=config, resume=resume, evaluate=not no_eval, console=console, tune=tune,

@@ -264,15 +264,20 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     x = Sym(e.n, e.b, e.grad or vis_out.grad)
     names = {id(m): n for n, m in llm.named_modules()}
 
+    # a model without sdpa (Gemma-2) runs eager attention unless flash-attention takes over
+    llm_eager = eager or (meta.llm_attention == "eager" and mask)
+
     def run_decoder(tr, x, layer):
-        return decoder_layer(tr, x, LayerView(layer, names[id(layer)], ls, cfg, half), d, mask=mask, eager=eager)
+        return decoder_layer(tr, x, LayerView(layer, names[id(layer)], ls, cfg, half), d, mask=mask,
+                             eager=llm_eager)
 
     x, l_acts = _trace_stack(tracer(seq_len), x, decoder_layers(meta.llm), run_decoder)
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
     final = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
     fn = Norm(l_bytes(final.weight), ls.trains(final.weight))
     before = top.per_token()
-    x = top.layernorm(x, fn) if d.family in ("phi", "stablelm") else top.rmsnorm(x, fn)
+    norm = {"phi": top.layernorm, "stablelm": top.layernorm, "gemma2": top.gemma_rmsnorm}.get(d.family, top.rmsnorm)
+    x = norm(x, fn)
     l_acts.outside, l_acts.tail, l_acts.fixed_outside = top.per_token(), top.per_token() - before, top.fixed
     l_acts.cached += top.cached
 
@@ -287,6 +292,8 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     l_acts.fixed_outside += htr.fixed
     l_acts.cached += htr.cached
     loss = htr.per_token() + (4 * head.out_features + 8 if logits.grad else 0)
+    if logits.grad and getattr(meta.llm_config, "final_logit_softcapping", None) is not None:
+        loss += logits.b * head.out_features  # Gemma-2: cap * tanh(logits / cap), tanh keeps its output
     index = 8 * K if x.grad else 0
     return Activations(l_acts, v_acts, con_bytes, ctr.fixed, ctr.cached, loss, index,
                        head.out_features if logits.grad else 0, logits.b, seq_len, tok_v, K, notes)

@@ -21,11 +21,28 @@ from tinylmm.resources import asset
 
 # len(tokenizer) of the zoo's hub LLMs, before `<image>` is added. The embedding grows only
 # when the tokenizer outgrows it. Local tokenizers are loaded and measured instead.
+# Sources of the newer ones: each hub repo's tokenizer (tokenizer_config.json's
+# added_tokens_decoder ends at id N-1, and the vocabulary below it is contiguous).
 TOKENIZER_LEN = {
     "microsoft/phi-2": 50295,
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 32000,
     "stabilityai/stablelm-2-zephyr-1_6b": 100289,
     "stabilityai/stablelm-2-1_6b": 100289,
+    # Qwen2.5: 151,643 BPE tokens + 22 specials up to <|file_sep|> (151664)
+    "Qwen/Qwen2.5-0.5B-Instruct": 151665,
+    "Qwen/Qwen2.5-1.5B-Instruct": 151665,
+    "Qwen/Qwen2.5-3B-Instruct": 151665,
+    # Qwen3: Qwen2.5's + <tool_response>, </tool_response>, <think>, </think> (up to 151668)
+    "Qwen/Qwen3-0.6B": 151669,
+    "Qwen/Qwen3-1.7B": 151669,
+    "Qwen/Qwen3-4B": 151669,
+    # SmolLM2: 49,152 tokens, its specials (<|im_start|> ...) inside the vocabulary
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 49152,
+    # Llama 3: 128,000 BPE tokens + 256 special / reserved tokens
+    "meta-llama/Llama-3.2-1B-Instruct": 128256,
+    "meta-llama/Llama-3.2-3B-Instruct": 128256,
+    # Gemma: a 256,000-entry SentencePiece vocabulary (specials and <unusedN> inside)
+    "google/gemma-2-2b-it": 256000,
 }
 
 _NOT_CONFIG = ("architectures", "transformers_version", "_name_or_path", "auto_map")
@@ -94,6 +111,15 @@ def _vision_config(data: dict):
     return cfg, _vision_classes()[cfg.model_type][1]
 
 
+def llm_attention(config) -> str:
+    """The attention a causal LM of `config` runs: sdpa, or eager where its class has no
+    sdpa path (Gemma-2: sdpa cannot soft-cap the scores)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
+
+
 def count_llm_parameters(data: dict) -> int:
     """Parameters of the causal LM that the config `data` describes."""
     from transformers import AutoModelForCausalLM
@@ -140,13 +166,14 @@ class MetaModel:
     num_image_tokens: int  # visual tokens per image in the LLM sequence
     tower_tokens: int  # tokens inside the tower per image (patches, + CLS for CLIP)
     notes: list[str]
+    llm_attention: str = "sdpa"  # what the LLM runs without flash-attention: sdpa, or eager
 
     def component(self, name: str) -> nn.Module:
         return getattr(self, name)
 
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # every shipped preset (tinylmm zoo ls), and some more
 def _build_meta(key: str) -> MetaModel:
     from transformers import AutoModelForCausalLM
 
@@ -156,8 +183,13 @@ def _build_meta(key: str) -> MetaModel:
 
     spec = from_dict(ModelSpec, json.loads(key))
     notes = []
+    llm_cfg = _llm_config(arch_config(spec.llm, "llm"))
+    attn = llm_attention(llm_cfg)
+    if attn != "sdpa":
+        notes.append(f"LLM model_type '{llm_cfg.model_type}' has no sdpa attention: planned with eager attention "
+                     "(flash_attention_2 on a GPU that has it)")
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(_llm_config(arch_config(spec.llm, "llm")), attn_implementation="sdpa")
+        llm = AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=attn)
     n_tok, source = _tokenizer_len(spec.llm)
     rows = llm.get_input_embeddings().num_embeddings
     if n_tok is None:
@@ -173,7 +205,7 @@ def _build_meta(key: str) -> MetaModel:
         connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)
     grid = tower.config.image_size // tower.config.patch_size
     return MetaModel(llm, tower, connector, llm.config, tower.config,
-                     connector.output_len(tower.num_patches), grid * grid + int(tower.has_cls), notes)
+                     connector.output_len(tower.num_patches), grid * grid + int(tower.has_cls), notes, attn)
 
 
 def build_meta(spec: ModelSpec) -> MetaModel:

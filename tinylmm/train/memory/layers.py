@@ -1,5 +1,7 @@
 """The blocks the planner knows, op by op as their forward code runs them: LLaMA-like
-decoder layers (llama, mistral, qwen2), StableLM's and Phi's, CLIP / SigLIP encoder layers."""
+decoder layers (llama, mistral, qwen2; qwen3 with its per-head q/k norms), Gemma-2's
+(four norms, soft-capped eager attention), StableLM's and Phi's, CLIP / SigLIP encoder
+layers."""
 
 from __future__ import annotations
 
@@ -11,16 +13,20 @@ from tinylmm.config import ConfigError, RunConfig
 from tinylmm.train.memory.tracer import Linear, Norm, Sym, Tracer
 from tinylmm.train.memory.trainability import ComponentState
 
-MEASURED_LLMS = ("llama", "phi", "stablelm")  # layouts checked against torch (bench/memory_check.py)
+# layouts checked against torch (bench/memory_check.py, tests/test_memory.py, tests/test_zoo.py)
+MEASURED_LLMS = ("llama", "phi", "stablelm", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("phi", "stablelm", "gemma2")  # their own layouts; every other model_type is LLaMA-like
 
 
 @dataclass
 class LLMDims:
-    family: str  # llama | phi | stablelm
+    family: str  # llama | phi | stablelm | gemma2
     heads: int
     kv_heads: int
     rotary_partial: bool
     resid_pdrop: float
+    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k
+    attn_softcap: bool = False  # gemma2: tanh soft-capping of the attention scores (eager only)
 
 
 def llm_dims(config) -> LLMDims:
@@ -28,9 +34,10 @@ def llm_dims(config) -> LLMDims:
     heads = config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0)
-    return LLMDims(mt if mt in ("phi", "stablelm") else "llama", heads,
+    return LLMDims(mt if mt in FAMILIES else "llama", heads,
                    getattr(config, "num_key_value_heads", None) or heads, partial < 1.0,
-                   float(getattr(config, "resid_pdrop", 0.0) or 0.0))
+                   float(getattr(config, "resid_pdrop", 0.0) or 0.0), qk_norm=mt == "qwen3",
+                   attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None)
 
 
 class LayerView:
@@ -45,7 +52,7 @@ class LayerView:
         except AttributeError:
             raise ConfigError(
                 f"the memory planner does not know the layer layout of {type(self.block).__name__} (no '{name}'); "
-                "it knows LLaMA-like (llama, mistral, qwen2), StableLM and Phi LLMs, CLIP and SigLIP towers"
+                "it knows LLaMA-like (llama, mistral, qwen2, qwen3), Gemma-2, StableLM and Phi LLMs, CLIP and SigLIP towers"
             ) from None
 
     def wbytes(self, p) -> float:
@@ -72,8 +79,12 @@ def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, e
 
     def attention(h: Sym, out_name: str) -> Sym:
         q, k, v = (tr.linear(h, L.lin(f"self_attn.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+        if d.qk_norm:  # one rstd per token and head
+            q = tr.rmsnorm(q, L.norm("self_attn.q_norm"), groups=d.heads)
+            k = tr.rmsnorm(k, L.norm("self_attn.k_norm"), groups=d.kv_heads)
         # rotary embeddings: q * cos + rotate_half(q) * sin, new tensors that save nothing
-        a = tr.sdpa(q.like(), k.like(), v, d.heads, repeat_kv=repeat, mask=mask, eager=eager)
+        a = tr.sdpa(q.like(), k.like(), v, d.heads, repeat_kv=repeat, mask=mask, eager=eager,
+                    softcap=d.attn_softcap)
         return tr.linear(a.like() if out_copy else a, L.lin(f"self_attn.{out_name}"))
 
     if d.family == "phi":  # parallel block: one layer norm feeds attention and MLP
@@ -81,6 +92,14 @@ def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, e
         o = tr.dropout(attention(h, "dense"), d.resid_pdrop)
         m = tr.linear(tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=4), L.lin("mlp.fc2"))  # gelu_new
         return tr.add(tr.add(o, tr.dropout(m, d.resid_pdrop)), x)
+    if d.family == "gemma2":  # norms around both sublayers; gelu(tanh) on the gate
+        norm = tr.gemma_rmsnorm
+        a = norm(attention(norm(x, L.norm("input_layernorm")), "o_proj"), L.norm("post_attention_layernorm"))
+        x = tr.add(x, a)
+        h = norm(x, L.norm("pre_feedforward_layernorm"))
+        g = tr.unary(tr.linear(h, L.lin("mlp.gate_proj")))
+        m = tr.linear(tr.mul(g, tr.linear(h, L.lin("mlp.up_proj"))), L.lin("mlp.down_proj"))
+        return tr.add(x, norm(m, L.norm("post_feedforward_layernorm")))
     norm = tr.layernorm if d.family == "stablelm" else tr.rmsnorm
     x = tr.add(x, attention(norm(x, L.norm("input_layernorm")), "o_proj"))
     h = norm(x, L.norm("post_attention_layernorm"))

@@ -16,6 +16,8 @@ rules, each checked against torch by tests/test_memory.py and bench/memory_check
   lora_A / lora_B save their inputs; bitsandbytes k-bit layers save no activation;
 - sdpa saves q, k, v, the output and a logsumexp; with a padding mask also the mask in
   the query dtype (one s x s copy per layer) and GQA keys and values repeated to all heads.
+  Eager attention keeps the fp32 softmax and its cast copy (one tensor in fp32), plus
+  the tanh of soft-capped scores (Gemma-2), and not its output.
 """
 
 from __future__ import annotations
@@ -134,14 +136,24 @@ class Tracer:
             self.widest = max(self.widest, y.n * y.b)
         return y
 
-    def rmsnorm(self, x: Sym, w: Norm) -> Sym:
-        """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2)); weight * normed.to(x.dtype)."""
+    def rmsnorm(self, x: Sym, w: Norm, groups: int = 1) -> Sym:
+        """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2)); weight * normed.to(x.dtype).
+        `groups`: rstds per token (Qwen3 normalises each attention head of q and k)."""
         if x.grad:
-            self.save(self.cast(x, 4), Sym(1, 4, False))
+            self.save(self.cast(x, 4), Sym(groups, 4, False))
         normed = Sym(x.n, x.b, x.grad)
         if w.trainable:
             self.save(normed)
         return Sym(x.n, max(w.wbytes, x.b), x.grad or w.trainable)
+
+    def gemma_rmsnorm(self, x: Sym, w: Norm) -> Sym:
+        """Gemma2RMSNorm: normed = x.float() * rsqrt(...); (normed * (1 + w.float())).type_as(x):
+        the product with the weight is in fp32, so its saved input is too."""
+        if x.grad:
+            self.save(self.cast(x, 4), Sym(1, 4, False))
+        if w.trainable:
+            self.save(Sym(x.n, 4, x.grad))
+        return Sym(x.n, x.b, x.grad or w.trainable)
 
     def layernorm(self, x: Sym, w: Norm) -> Sym:
         fp32 = self.ac and self.cuda  # CUDA autocast runs layer_norm in fp32
@@ -150,7 +162,8 @@ class Tracer:
             self.save(xin, Sym(2, 4 if self.cuda else xin.b, False))  # input, mean, rstd
         return Sym(x.n, 4 if fp32 else (x.b if self.ac else 4), x.grad or w.trainable)
 
-    def sdpa(self, q: Sym, k: Sym, v: Sym, heads: int, *, repeat_kv: bool, mask: bool, eager: bool) -> Sym:
+    def sdpa(self, q: Sym, k: Sym, v: Sym, heads: int, *, repeat_kv: bool, mask: bool, eager: bool,
+             softcap: bool = False) -> Sym:
         grad = q.grad or k.grad or v.grad
         if self.ac:
             q, k, v = self.cast(q, self.c), self.cast(k, self.c), self.cast(v, self.c)
@@ -159,9 +172,14 @@ class Tracer:
         out = Sym(q.n, q.b, grad)
         if not grad:
             return out
-        self.save(q, k, v, out)
-        if eager:  # softmax in fp32, cast back, both kept
-            self.save(Sym(heads * self.seq, 4, False), Sym(heads * self.seq, q.b, False))
+        self.save(q, k, v)
+        if not eager:  # the kernel keeps its output; eager's last matmul does not (o_proj may)
+            self.save(out)
+        if eager:  # softmax in fp32, cast back (the same tensor in fp32), both kept
+            probs = Sym(heads * self.seq, 4, False)
+            self.save(probs, self.cast(probs, q.b))
+            if softcap:  # scores / cap, tanh, * cap: tanh keeps its output
+                self.save(Sym(heads * self.seq, q.b, False))
         else:
             self.save(Sym(heads, 4, False))  # logsumexp
             if mask:
