@@ -266,6 +266,13 @@ def test_a_template_bound_to_another_tokenizer_is_refused():
         get_template("auto")
 
 
+def test_binding_needs_no_image_token_in_the_vocab_yet():
+    # The probe's <image> is user text: the Processor adds the token, bind_template alone may not.
+    from tinylmm.data.templates import bind_template
+
+    assert bind_template("auto", tokenizer("gemma2")).eos == "<end_of_turn>"
+
+
 def test_an_answer_the_chat_template_rewrites_is_a_sample_error():
     proc = processor("qwen3")
     with pytest.raises(SampleError, match="template mismatch.*changes the text"):

@@ -299,7 +299,8 @@ class ChatTemplate:
         # marker the vocabulary lacks is split into pieces the model was never trained on.
         form = next((f for f in _MARKUP if f.fullmatch(eos)), None)
         if form is not None:
-            missing = sorted({m for m in form.findall(text) if not _single_token(self.tokenizer, m)})
+            missing = sorted({m for m in form.findall(text) if m != IMAGE_TOKEN  # ours, in the user text
+                              and not _single_token(self.tokenizer, m)})
             if missing:
                 raise TemplateError(
                     f"{where}: the chat template writes {', '.join(missing)}, which the tokenizer splits into "
