@@ -411,14 +411,14 @@ def resolve(
 
 
 def validate(cfg: RunConfig) -> None:
-    from tinylmm.data.templates import TEMPLATES
+    from tinylmm.data.templates import template_names
     from tinylmm.models.connectors import CONNECTORS
 
+    templates = template_names()  # phi, llama, pretrain, and auto: the tokenizer's chat template
     if cfg.model.connector.type not in CONNECTORS:
         raise unknown("connector", cfg.model.connector.type, CONNECTORS)
-    # "auto": the LLM tokenizer's own chat template
-    if cfg.model.template not in TEMPLATES and cfg.model.template != "auto":
-        raise unknown("template", cfg.model.template, [*TEMPLATES, "auto"])
+    if cfg.model.template not in templates:
+        raise unknown("template", cfg.model.template, templates)
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")
     for bench in cfg.eval.bench:
@@ -426,8 +426,8 @@ def validate(cfg: RunConfig) -> None:
             raise unknown("benchmark in eval.bench", bench, BENCHMARKS)
     for name, st in cfg.stages.items():
         where = f"stages.{name}"
-        if st.template is not None and st.template not in TEMPLATES:
-            raise unknown(f"template in {where}.template", st.template, TEMPLATES)
+        if st.template is not None and st.template not in templates:
+            raise unknown(f"template in {where}.template", st.template, templates)
         for comp in st.tune:
             if comp not in COMPONENTS:
                 raise unknown(f"component in {where}.tune", comp, COMPONENTS)

@@ -23,9 +23,8 @@ def generate_batch(model, processor: Processor, conversations, images, *, max_ne
         mask[row, length - n :] = 1
     pixels = [e["pixel_values"] for e in encoded if "pixel_values" in e]
     pixel_values = torch.cat(pixels) if pixels else None
-    eos = processor.tokenizer.convert_tokens_to_ids(processor.template.end_token(processor.tokenizer))
     out = model.generate(ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos, **kwargs)
+                         eos_token_id=processor.stop_token_ids, pad_token_id=pad, **kwargs)
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
@@ -50,7 +49,7 @@ class CallbackStreamer:
             self.printed = len(text)
 
     def _text(self) -> str:
-        # The prompt ends in "ASSISTANT:" (no space, as TinyLLaVA), so answers start with one.
+        # TinyLLaVA's prompts end in "ASSISTANT:" (no space), so answers start with one.
         return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
 
     def end(self):
@@ -63,9 +62,9 @@ def chat_reply(model, processor: Processor, turns, images, *, on_text=None, max_
                **kwargs) -> str:
     """One assistant reply to the conversation so far, streamed to `on_text` piece by piece."""
     batch = processor.prompt(turns, images)
-    eos = processor.tokenizer.convert_tokens_to_ids(processor.template.end_token(processor.tokenizer))
     streamer = CallbackStreamer(processor.tokenizer, on_text) if on_text else None
     out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                          pixel_values=batch.get("pixel_values"), max_new_tokens=max_new_tokens,
-                         eos_token_id=eos, streamer=streamer, **kwargs)
+                         eos_token_id=processor.stop_token_ids, pad_token_id=processor.tokenizer.pad_token_id,
+                         streamer=streamer, **kwargs)
     return processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -13,9 +13,11 @@ from PIL import Image
 from tinylmm.data.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
+    ChatTemplate,
     Template,
     TemplateError,
-    get_template,
+    TemplateMismatch,
+    bind_template,
     tokenize_with_labels,
 )
 
@@ -81,25 +83,56 @@ class Processor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # only used for padding; labels mask it
+        self._templates: dict[str, Template | ChatTemplate] = {}
+        self._checked: set = set()
+        self.get_template(template)  # a template of another family fails here, before any data is read
 
     @property
-    def template(self) -> Template:
-        return get_template(self.template_name)
+    def template(self) -> Template | ChatTemplate:
+        """The model's conversation template, bound to and checked against the tokenizer."""
+        return self.get_template(self.template_name)
 
-    def encode(self, turns, template: Template | None = None, num_images: int | None = None,
+    def get_template(self, name: str) -> Template | ChatTemplate:
+        """Template `name` (phi, llama, pretrain, auto ...) for this tokenizer; TemplateError if
+        they do not fit. `auto` is the tokenizer's own chat template."""
+        if name not in self._templates:
+            self._templates[name] = bind_template(name, self.tokenizer)
+            self._checked.add(self._templates[name])
+        return self._templates[name]
+
+    @property
+    def end_token_id(self) -> int:
+        """The token that ends an answer under the model's template: where generation stops."""
+        return self.tokenizer.convert_tokens_to_ids(self.template.end_token(self.tokenizer))
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops at the end-of-turn token, and at the tokenizer's eos where that differs
+        (a chat model's <|endoftext|> after <|im_end|>)."""
+        ids = [self.end_token_id]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def encode(self, turns, template: Template | ChatTemplate | None = None, num_images: int | None = None,
                max_len: int | None = None, add_generation_prompt: bool = False) -> Encoded:
         """Tokenize a conversation [(role, text) ...] with labels; raise SampleError if unusable."""
         template = template or self.template
+        if template not in self._checked:  # once per template object
+            template.check(self.tokenizer)
+            self._checked.add(template)
         if any(role == "gpt" and not text.strip() for role, text in turns):
             raise SampleError("empty answer", "an assistant turn is empty")
         try:
             text, spans = template.render(turns, template.end_token(self.tokenizer), add_generation_prompt)
+        except TemplateMismatch as e:
+            raise SampleError("template mismatch", str(e)) from None
         except TemplateError as e:
             raise SampleError("bad conversation", str(e)) from None
         n_img_text = text.count(IMAGE_TOKEN)
         if num_images is not None and n_img_text != num_images:
             raise SampleError("image count mismatch", f"{n_img_text} <image> in the text, {num_images} image(s)")
-        ids, labels, per_span = tokenize_with_labels(self.tokenizer, text, spans)
+        ids, labels, per_span = tokenize_with_labels(self.tokenizer, text, spans, template.add_special_tokens)
         if not add_generation_prompt and (not spans or min(per_span) == 0):
             raise SampleError(
                 "no supervised tokens",

@@ -37,9 +37,9 @@ def _entries(kind: str):
         from tinylmm.models.connectors import CONNECTORS
 
         return [(n, (c.__doc__ or "").strip().splitlines()[0]) for n, c in CONNECTORS.items()]
-    from tinylmm.data.templates import TEMPLATES
+    from tinylmm.data.templates import describe_templates
 
-    return [(n, repr(t.system[:40] + "..." if t.system else "(no system prompt)")) for n, t in TEMPLATES.items()]
+    return describe_templates()
 
 
 def cp(

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tinylmm.data.templates import Template
+from tinylmm.data.templates import ChatTemplate, Template, tokenizer_name
 from tinylmm.processor import Encoded, Processor, SampleError, collate
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -68,7 +68,7 @@ def _turns(sample: dict) -> list[tuple[str, str]]:
 
 class LlavaDataset(Dataset):
     def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor: Processor,
-                 template: Template, max_len: int):
+                 template: Template | ChatTemplate, max_len: int):
         json_path = Path(json_path)
         if not json_path.exists():
             raise DataError(f"dataset file '{json_path}' does not exist")
@@ -99,6 +99,13 @@ class LlavaDataset(Dataset):
                 continue
             self.samples.append((sid, enc, images))
         if not self.samples:
+            masked = {"no supervised tokens", "template mismatch"}
+            if self.report.skipped and set(self.report.counts()) <= masked:
+                # Every answer masked: training would run at loss 0 and learn nothing.
+                raise DataError(
+                    f"no sample of '{json_path}' has a supervised token under template '{template.name}' with "
+                    f"tokenizer '{tokenizer_name(processor.tokenizer)}' (a template of another model family, or "
+                    f"max_len {max_len} too short for every answer); first: {self.report.skipped[:3]}")
             raise DataError(f"no usable sample in '{json_path}': {self.report.summary()}; "
                             f"first: {self.report.skipped[:3]}")
 

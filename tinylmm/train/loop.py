@@ -19,7 +19,6 @@ import torch
 
 from tinylmm.config import RunConfig, dump_resolved, load_resolved, parse_trainability
 from tinylmm.data.llava import LlavaDataset, SkipReport
-from tinylmm.data.templates import get_template
 from tinylmm.models.loading import quiet_libraries
 from tinylmm.models.lmm import build_model, restore_parts
 from tinylmm.train import checkpoint as ckpt
@@ -48,7 +47,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> LlavaDataset:
     stage = cfg.stages[name]
-    template = get_template(stage.template or cfg.model.template)
+    template = processor.get_template(stage.template or cfg.model.template)  # checked against the tokenizer
     if stage.data.shapes is not None:
         from tinylmm.data.shapes import write_shapes_dataset
 
