@@ -380,3 +380,13 @@ def test_half_precision_weights_stay_half(tmp_path):
         model, _ = tinylmm.load(path)
         assert model.llm.dtype == torch.float16
         assert {p.dtype for p in [*model.vision.parameters(), *model.connector.parameters()]} == {torch.float32}
+
+
+def test_their_patch_rule_gives_728_tokens_for_siglip_so400m_384():
+    from tinylmm.resources import asset
+
+    config = json.loads(asset("arch/google--siglip-so400m-patch14-384.json").read_text())
+    with torch.device("meta"):
+        tower = build_vision(VisionSpec(config=config, select="drop_first"))
+        patch = build_vision(VisionSpec(config=config, select="patch"))
+    assert (tower.num_patches, patch.num_patches) == (728, 729)
