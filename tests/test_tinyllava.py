@@ -141,8 +141,8 @@ def write_tinyllava(root, *, llm="phi", vision="siglip", select="patch", aspect=
     vis_type = f"{vision}_vision_model"
     tower = (SiglipVisionModel(SiglipVisionConfig(**VISION)) if vision == "siglip"
              else CLIPVisionModel(CLIPVisionConfig(**VISION)))
-    mods = [nn.Linear(VISION["hidden_size"], 64)] + ([nn.GELU(), nn.Linear(64, 64)] if connector == "mlp2x_gelu" else [])
-    conn = nn.Sequential(*mods) if connector == "mlp2x_gelu" else mods[0]
+    first = nn.Linear(VISION["hidden_size"], 64)
+    conn = nn.Sequential(first, nn.GELU(), nn.Linear(64, 64)) if connector == "mlp2x_gelu" else first
 
     state = {f"language_model.{k}": v for k, v in lm.state_dict().items()
              if not (text.get("tie_word_embeddings") and k == "lm_head.weight")}
@@ -179,7 +179,8 @@ def write_tinyllava(root, *, llm="phi", vision="siglip", select="patch", aspect=
         "vision_config": {"model_type": vis_type, "model_name_or_path": f"org/{vision}", "model_name_or_path2": "",
                           **VISION},
         "vision_feature_layer": -2, "vision_feature_select_strategy": select, "vision_hidden_size": 32,
-        "vision_model_name_or_path": f"org/{vision}", "vision_model_name_or_path2": "", "vocab_size": text["vocab_size"],
+        "vision_model_name_or_path": f"org/{vision}", "vision_model_name_or_path2": "",
+        "vocab_size": text["vocab_size"],
     }
     config.update(config_changes)
     (root / "config.json").write_text(json.dumps(config))
@@ -290,7 +291,8 @@ def test_cli_convert_then_chat(tmp_path):
     meta = json.loads((out / "tinylmm.json").read_text())
     assert meta["format"] == "tinylmm/2" and meta["model"]["vision"]["select"] == "drop_first"
     Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "blue.png")
-    result = runner.invoke(app, ["chat", str(out), "--image", str(tmp_path / "blue.png"), "--max-new-tokens", "3", "hi"])
+    image = str(tmp_path / "blue.png")
+    result = runner.invoke(app, ["chat", str(out), "--image", image, "--max-new-tokens", "3", "hi"])
     assert result.exit_code == 0, result.output
 
     again = runner.invoke(app, ["convert", "--from", "tinyllava", str(src), str(out)])
@@ -323,6 +325,7 @@ def test_template_follows_the_tokenizers_eos_or_the_override(tmp_path):
     ({"vision_config": {"model_type": "dinov2", **VISION}}, "vision_config.model_type='dinov2'"),
     ({"text_config": {"model_type": "openelm"}}, "text_config.model_type='openelm'"),
     ({"mystery_key": 1}, "mystery_key"),
+    ({"vision_feature_layer": 7}, "vision_feature_layer=7 is outside the vision tower's 3 layers"),
 ])
 def test_unsupported_values_name_the_key(change, message, tmp_path):
     src, _, _ = write_tinyllava(tmp_path / "theirs", **change)

@@ -16,7 +16,7 @@ def convert(
     out: Path = typer.Argument(..., help="where to write the tinylmm checkpoint (must not exist)"),
     source: Source = typer.Option(..., "--from", help="the framework that wrote SRC: tinyllava (TinyLLaVA_Factory)"),
     tokenizer: Optional[Path] = typer.Option(None, help="the tokenizer's directory, if SRC has none"),
-    template: Optional[str] = typer.Option(None, help="conversation template (default: picked from the tokenizer's eos)"),
+    template: Optional[str] = typer.Option(None, help="conversation template (default: by the tokenizer's eos)"),
 ):
     """Import another framework's checkpoint as a tinylmm checkpoint that `tinylmm chat`,
     `eval` and `tinylmm.load` read."""

@@ -125,8 +125,8 @@ def text_config(cfg: dict):
     try:
         return AutoConfig.for_model(model_type, **sub)
     except (ValueError, KeyError):
-        raise ConfigError(f"config.json: text_config.model_type={model_type!r} is not an LLM transformers "
-                          "knows (models that need the hub's remote code, such as OpenELM, are not supported)") from None
+        raise ConfigError(f"config.json: text_config.model_type={model_type!r} is not an LLM transformers knows "
+                          "(models that need the hub's remote code, such as OpenELM, are not supported)") from None
 
 
 def vision_model(cfg: dict, dtype, attn_implementation: str):
@@ -301,7 +301,11 @@ def build(src, *, tokenizer: str | Path | None = None, template: str | None = No
     mean, std = _image_mean_std(src, family, FAMILY_MEAN_STD[family], notes)
     vspec = VisionSpec(name_or_path=cfg.get("vision_model_name_or_path") or None, feature_layer=layer,
                        select=select, pad_to_square=aspect == "pad", image_mean=mean, image_std=std)
-    tower = VisionTower(vmodel, vspec)
+    try:
+        tower = VisionTower(vmodel, vspec)
+    except ConfigError:
+        raise ConfigError(f"config.json: vision_feature_layer={layer} is outside the vision tower's "
+                          f"{vmodel.config.num_hidden_layers} layers") from None
     _load_vision(tower, parts["vision"], src)
 
     connector = build_connector(ConnectorSpec(type=connector_type), tower.hidden_size, llm.config.hidden_size)
@@ -314,8 +318,8 @@ def build(src, *, tokenizer: str | Path | None = None, template: str | None = No
                                      pad_to_square=vspec.pad_to_square,
                                      center_crop=family == "clip_vision_model" and not vspec.pad_to_square)
     notes.append(f"template '{template}' (the tokenizer's eos is {tok.eos_token!r})")
-    notes.append(f"{model.num_image_tokens} visual tokens per image (their {cfg.get('vision_feature_select_strategy', 'patch')}"
-                 f" selection: ours '{select}')")
+    theirs = cfg.get("vision_feature_select_strategy", "patch")
+    notes.append(f"{model.num_image_tokens} visual tokens per image (their '{theirs}' selection: ours '{select}')")
     return model, Processor(tok, image_processor, template, model.num_image_tokens), notes
 
 
