@@ -58,7 +58,11 @@ class VisionSpec:
     name_or_path: str | None = None
     config: dict | None = None
     feature_layer: int = -2  # hidden_states index: -2 = penultimate layer, as LLaVA/TinyLLaVA
-    select: Literal["patch", "cls_patch"] = "patch"  # patch drops CLS where the tower has one
+    # patch: drop the CLS token where the tower has one (CLIP: 577 -> 576; SigLIP keeps its 729)
+    # cls_patch: keep every token
+    # drop_first: drop token 0 whatever it is: TinyLLaVA_Factory's `patch`, which on SigLIP
+    #   (no CLS) removes a real patch: so400m-patch14-384 gives 728 tokens, not 729
+    select: Literal["patch", "cls_patch", "drop_first"] = "patch"
     pad_to_square: bool = True  # pad with the mean colour before resizing (LLaVA "pad")
     image_mean: list[float] | None = None  # default: preprocessor_config.json or the family's
     image_std: list[float] | None = None

@@ -25,21 +25,33 @@ from tinylmm.data.templates import (
 @dataclass
 class ImageProcessor:
     """Resize to a square `size` (bicubic), optionally after padding to a square with the mean
-    colour (LLaVA's "pad" aspect mode), then normalise. PIL + numpy only."""
+    colour (LLaVA's "pad" aspect mode), then normalise. PIL + numpy only.
+
+    `center_crop` resizes the shorter side to `size` and crops the centre instead of
+    squashing, as CLIP's own processor does (TinyLLaVA checkpoints with a CLIP tower and
+    the "square" aspect mode; a padded image is square, so there both rules agree)."""
 
     size: int
     image_mean: list[float]
     image_std: list[float]
     pad_to_square: bool = True
+    center_crop: bool = False
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         if self.pad_to_square and image.width != image.height:
             side = max(image.width, image.height)
-            fill = tuple(int(round(m * 255)) for m in self.image_mean)
+            fill = tuple(int(m * 255) for m in self.image_mean)  # truncated, as LLaVA's expand2square
             canvas = Image.new("RGB", (side, side), fill)
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = canvas
+        if self.center_crop and image.width != image.height:
+            # transformers' shortest-edge rule: the long side is truncated, the crop starts at floor
+            short, long = sorted(image.size)
+            scaled = (self.size, int(self.size * long / short))
+            image = image.resize(scaled if image.width <= image.height else scaled[::-1], Image.Resampling.BICUBIC)
+            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         x = np.asarray(image, dtype=np.float32) / 255.0

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, evaluate, merge, plan, registry, train, zoo
+from tinylmm.cli import chat, convert, evaluate, merge, plan, registry, train, zoo
 
 app = typer.Typer(
     name="tinylmm",
@@ -20,6 +20,7 @@ app.command("train")(train.train)
 app.command("chat")(chat.chat)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
+app.command("convert")(convert.convert)
 app.command("ls")(registry.ls)
 app.command("cp")(registry.cp)
 app.command("plan")(plan.plan)

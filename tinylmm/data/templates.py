@@ -140,6 +140,9 @@ TEMPLATES: dict[str, Template] = {
     "phi": Template("phi", system=TINYLLAVA_SYSTEM, eos="<|endoftext|>"),
     # TinyLLaVA's llama format (TinyLlama and the toy preset): bos from the tokenizer, `</s>`.
     "llama": Template("llama", system=TINYLLAVA_SYSTEM, eos="</s>"),
+    # TinyLLaVA's format ending answers with the tokenizer's own eos: their `gemma` (<eos>)
+    # and `qwen2_instruct` (<|im_end|>) conversation versions; `tinylmm convert` picks it.
+    "tinyllava": Template("tinyllava", system=TINYLLAVA_SYSTEM),
     # Caption alignment (TinyLLaVA/LLaVA "pretrain"/"plain"): `<image>` then the caption
     # and a newline; only the caption and the newline are supervised.
     "pretrain": Template(
@@ -349,12 +352,29 @@ def bind_template(name: str, tokenizer) -> Template | ChatTemplate:
 
 
 def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool = True):
-    """Token ids of `text` and labels that keep only tokens overlapping a supervised span."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-    ids = list(enc["input_ids"])
+    """Token ids of `text` and labels that keep only tokens overlapping a supervised span.
+
+    The text between `<image>` markers is tokenized piece by piece, as LLaVA's and
+    TinyLLaVA's `tokenizer_image_token` do (only the first piece keeps its bos): tokenizing
+    the whole string would differ after an image for tokenizers that prefix a word
+    boundary only at the very start (non-legacy Llama/Gemma sentencepiece: their "▁\n").
+    `add_special_tokens=False` for chat templates, which write their BOS into the text."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, offsets, start = [], [], 0
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(image_id)
+            offsets.append((start - len(IMAGE_TOKEN), start))
+        enc = tokenizer(piece, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+        piece_ids, piece_offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if k and piece_ids[:1] == [tokenizer.bos_token_id]:
+            piece_ids, piece_offsets = piece_ids[1:], piece_offsets[1:]
+        ids += piece_ids
+        offsets += [(s + start, e + start) if e > s else (0, 0) for s, e in piece_offsets]
+        start += len(piece) + len(IMAGE_TOKEN)
     labels = [IGNORE_INDEX] * len(ids)
     per_span = [0] * len(spans)
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
+    for t, (s, e) in enumerate(offsets):
         if e <= s:
             continue  # tokens added by the tokenizer (bos) have empty spans
         for k, (a, b) in enumerate(spans):

@@ -70,8 +70,10 @@ class TinyLMM(nn.Module):
         return self.connector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
+        # The <image> row is never read (its positions take the visual tokens), so an
+        # imported model keeps its vocabulary even where `<image>` lies past its table.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         n_positions = int(is_image.sum())
         if pixel_values is None or pixel_values.numel() == 0:
             if n_positions:
@@ -179,7 +181,8 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
          load_4bit: bool = False) -> tuple[TinyLMM, Processor]:
     """Load a checkpoint directory written by `TinyLMM.save` (e.g. runs/x/final): a full
     one, or one whose LLM is a LoRA/QLoRA adapter on the run's base. `load_4bit` loads the
-    LLM (the base, under an adapter) in 4-bit NF4 for inference in less memory."""
+    LLM (the base, under an adapter) in 4-bit NF4 for inference in less memory. A
+    TinyLLaVA_Factory model directory is converted in memory (see tinylmm/convert)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from tinylmm.config import LoraSpec, QuantSpec
@@ -190,6 +193,11 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
 
     quiet_libraries()
     path = Path(path)
+    from tinylmm.convert import tinyllava
+
+    if not (path / "tinylmm.json").exists() and tinyllava.is_tinyllava_dir(path):
+        return tinyllava.load(path, attn_implementation=attn_implementation, dtype=dtype, device=device,
+                              load_4bit=load_4bit)
     meta = read_meta(path)
     spec = from_dict(ModelSpec, meta["model"], str(path / "tinylmm.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))

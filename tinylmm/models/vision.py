@@ -69,12 +69,13 @@ class VisionTower(nn.Module):
         self.model = model
         self._inner = [inner]  # not a submodule twice
         self.has_cls = hasattr(inner.embeddings, "class_embedding")
-        self.drop_cls = self.has_cls and spec.select == "patch"
+        # Token 0 goes for `patch` when it is a CLS token, and always for `drop_first`.
+        self.drop_first = spec.select == "drop_first" or (self.has_cls and spec.select == "patch")
         self.spec = dataclasses.replace(spec, feature_layer=-1)
         self.hidden_size = model.config.hidden_size
         self.image_size = model.config.image_size
         grid = model.config.image_size // model.config.patch_size
-        self.num_patches = grid * grid + (1 if self.has_cls and not self.drop_cls else 0)
+        self.num_patches = grid * grid + int(self.has_cls) - int(self.drop_first)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -90,7 +91,7 @@ class VisionTower(nn.Module):
         if hasattr(inner, "pre_layrnorm"):  # CLIP
             h = inner.pre_layrnorm(h)
         h = inner.encoder(inputs_embeds=h).last_hidden_state
-        return h[:, 1:] if self.drop_cls else h
+        return h[:, 1:] if self.drop_first else h
 
 
 def build_vision(spec: VisionSpec, *, dtype=None, attn_implementation: str = "sdpa") -> VisionTower:

@@ -217,7 +217,7 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     x, v_acts = _trace_stack(tracer(tok_v), x, vt.layers, run_vit)
     v_acts.outside, v_acts.fixed_outside = top.per_token(), top.fixed
     v_acts.cached += top.cached
-    feats = x.like() if vt.drop_cls else x  # h[:, 1:] is a view
+    feats = x.like() if vt.drop_first else x  # h[:, 1:] is a view
 
     # ---------------------------------------------------------------- connector
     cs = states["connector"]
