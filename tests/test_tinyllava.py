@@ -11,6 +11,8 @@ import json
 
 import numpy as np
 import pytest
+
+from tinylmm.data.templates import TemplateError
 import torch
 from PIL import Image
 from torch import nn
@@ -218,7 +220,8 @@ def test_prompt_ids_equal_their_tokenizer_image_token(make):
     from tinylmm.processor import ImageProcessor, Processor
 
     theirs = tokenizer_image_token(THEIR_PROMPT, make())
-    proc = Processor(make(), ImageProcessor(32, [0.5] * 3, [0.5] * 3), "phi", num_image_tokens=3)
+    # their formats render the same prompt and differ in the end token only: `tinyllava` takes the tokenizer's eos
+    proc = Processor(make(), ImageProcessor(32, [0.5] * 3, [0.5] * 3), "tinyllava", num_image_tokens=3)
     ids = proc.encode([("human", f"<image>\n{QUESTION}")], add_generation_prompt=True).input_ids
     assert ids == [i for t in theirs for i in ([proc.image_token_id] * 3 if t == IMAGE_TOKEN_INDEX else [t])]
 
@@ -307,8 +310,10 @@ def test_template_follows_the_tokenizers_eos_or_the_override(tmp_path):
     tok.save_pretrained(tmp_path / "qwen-tok")
     _, proc, _ = tinyllava.build(src, tokenizer=tmp_path / "qwen-tok")
     assert proc.template_name == "tinyllava" and proc.template.end_token(proc.tokenizer) == "<|im_end|>"
-    _, proc, _ = tinyllava.build(src, template="llama")
-    assert proc.template_name == "llama"
+    _, proc, _ = tinyllava.build(src, template="tinyllava")
+    assert proc.template_name == "tinyllava"
+    with pytest.raises(TemplateError, match="'llama' ends each answer with '</s>'"):
+        tinyllava.build(src, template="llama")  # a template of another family is refused, never trained on
     with pytest.raises(ConfigError, match="did you mean 'phi'"):
         tinyllava.build(src, template="phy")
 

@@ -351,8 +351,8 @@ def bind_template(name: str, tokenizer) -> Template | ChatTemplate:
     return template
 
 
-def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool = True):
-    """Token ids of `text` and labels that keep only tokens overlapping a supervised span.
+def tokenize_pieces(tokenizer, text: str, add_special_tokens: bool = True):
+    """Token ids of `text` and their character offsets (empty for added tokens such as bos).
 
     The text between `<image>` markers is tokenized piece by piece, as LLaVA's and
     TinyLLaVA's `tokenizer_image_token` do (only the first piece keeps its bos): tokenizing
@@ -372,6 +372,13 @@ def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], add
         ids += piece_ids
         offsets += [(s + start, e + start) if e > s else (0, 0) for s, e in piece_offsets]
         start += len(piece) + len(IMAGE_TOKEN)
+    return ids, offsets
+
+
+def tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool = True):
+    """Token ids of `text` (see `tokenize_pieces`) and labels that keep only tokens
+    overlapping a supervised span; and the number of tokens per span."""
+    ids, offsets = tokenize_pieces(tokenizer, text, add_special_tokens)
     labels = [IGNORE_INDEX] * len(ids)
     per_span = [0] * len(spans)
     for t, (s, e) in enumerate(offsets):
