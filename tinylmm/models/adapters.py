@@ -123,9 +123,12 @@ def save_base(llm: nn.Module, base_dir: Path) -> None:
 def load_llm(directory: Path, *, quant: QuantSpec | None, device=None, attn_implementation: str = "sdpa",
              dtype=None) -> nn.Module:
     """A causal LM from a directory, in full precision or quantized by bitsandbytes."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {"attn_implementation": attn_implementation}
+    from tinylmm.models.llm import attention_for
+
+    config = AutoConfig.from_pretrained(str(directory))
+    kwargs = {"attn_implementation": attention_for(config, attn_implementation)}
     if quant is not None:
         _require("4-bit / 8-bit loading")
         kwargs.update(quantization_config=bnb_config(quant), device_map={"": str(device or "cpu")},

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from tinylmm.config import ConfigError, LLMSpec
 from tinylmm.models.loading import from_pretrained_or_fail
 from tinylmm.resources import asset
+
+log = logging.getLogger(__name__)
+
+
+def supports_attention(config, implementation: str) -> bool:
+    """Whether the causal LM class of `config` has this attention path (Gemma-2 has no sdpa:
+    sdpa cannot soft-cap attention scores)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(implementation)
+    return model_cls is None or flag is None or bool(getattr(model_cls, flag, False))
+
+
+def attention_for(config, requested: str) -> str:
+    """`requested`, or eager where the model class lacks it; logged, and the run reports it."""
+    if supports_attention(config, requested):
+        return requested
+    log.warning("%s has no %s attention: it runs eager attention", config.model_type, requested)
+    return "eager"
 
 
 def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -> nn.Module:
@@ -21,11 +43,12 @@ def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -
             cfg = AutoConfig.for_model(model_type, **config)
         except ValueError as e:
             raise ConfigError(f"model.llm.config: {e}") from None
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention_for(cfg, attn_implementation))
     if spec.name_or_path:
+        cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model")
         return from_pretrained_or_fail(
             AutoModelForCausalLM, spec.name_or_path, "language model", dtype=dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=attention_for(cfg, attn_implementation),
         )
     raise ConfigError("model.llm needs 'name_or_path' (hub id or directory) or an inline 'config'")
 

@@ -105,6 +105,9 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
                                    llm_dtype=half if only_frozen["llm"] else None,
                                    vision_dtype=half if only_frozen["vision"] else None)
     check_partial_layers(model, cfg)
+    runs = model.llm.config._attn_implementation
+    if runs != attn:
+        report.warn(f"the LLM ({type(model.llm).__name__}) has no {attn} attention: it runs {runs} attention")
     model.to(accel.device)
 
     stages = list(cfg.stages.items())

@@ -114,10 +114,9 @@ def _vision_config(data: dict):
 def llm_attention(config) -> str:
     """The attention a causal LM of `config` runs: sdpa, or eager where its class has no
     sdpa path (Gemma-2: sdpa cannot soft-cap the scores)."""
-    from transformers import AutoModelForCausalLM
+    from tinylmm.models.llm import supports_attention
 
-    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
+    return "sdpa" if supports_attention(config, "sdpa") else "eager"
 
 
 def count_llm_parameters(data: dict) -> int:
