@@ -55,8 +55,12 @@ class LLMSpec:
 
 @dataclass
 class VisionSpec:
+    # hub id or local directory (transformers' CLIP / SigLIP), or open_clip:<model name>
     name_or_path: str | None = None
     config: dict | None = None
+    # open_clip towers only: open_clip's pretrained tag (webli, openai ...), a directory with a
+    # download of the tag's hub repo, or a checkpoint file; absent: random initialisation
+    pretrained: str | None = None
     feature_layer: int = -2  # hidden_states index: -2 = penultimate layer, as LLaVA/TinyLLaVA
     select: Literal["patch", "cls_patch"] = "patch"  # patch drops CLS where the tower has one
     pad_to_square: bool = True  # pad with the mean colour before resizing (LLaVA "pad")
@@ -434,6 +438,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
     for comp in ("vision", "llm"):
         component_states(cfg, comp)
+    vision = cfg.model.vision
+    if (vision.name_or_path or "").startswith("open_clip:"):
+        if vision.config is not None:
+            raise ConfigError("model.vision: an open_clip tower takes its architecture from open_clip's model "
+                              "configs; give 'name_or_path: open_clip:<model>' or an inline 'config', not both")
+    elif vision.pretrained is not None:
+        raise ConfigError("model.vision.pretrained names the weights of an open_clip tower (name_or_path: "
+                          "open_clip:<model>); a hub id or directory brings its own weights")
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
 
