@@ -125,6 +125,21 @@ def test_unknown_names_and_bad_specs_are_clear_errors(tmp_path):
         resolve("toy", "share", ["model.vision.name_or_path=open_clip:tinylmm-test-clip"])
 
 
+def test_without_open_clip_the_cli_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from tinylmm.cli.app import app
+    from tinylmm.cli.errors import run_cli
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
+    # feature layer -3: a spec the planner has not built (and cached) yet
+    monkeypatch.setattr(sys, "argv", ["tinylmm", "plan", "--preset", "tinyllava-phi2-openclip-siglip-3.1b",
+                                      "model.vision.feature_layer=-3"])
+    assert run_cli(app) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "needs open_clip_torch and torchvision: pip install 'tinylmm[openclip]'" in err and "Traceback" not in err
+
+
 def _open_clip_checkpoint(name, path: Path, visual_only=False) -> dict:
     from safetensors.torch import save_file
 
@@ -146,7 +161,7 @@ def test_pretrained_weights_from_a_file(visual_only, tmp_path):
                                        "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
                                        "resize_mode": "shortest", "fill_color": 0}
     _open_clip_checkpoint("tinylmm-test-siglip", tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="does not fit the image tower"):
+    with pytest.raises(ConfigError, match="does not fit the image tower"):
         build_openclip(vision("tinylmm-test-clip", pretrained=str(tmp_path / "other.safetensors")))
 
 

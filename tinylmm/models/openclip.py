@@ -271,7 +271,7 @@ def _load_visual_state(visual: nn.Module, file: Path) -> None:
         try:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - pickle/zip errors of every kind: name the file
-            raise ValueError(f"model.vision.pretrained: cannot read '{file}' as a state dict ({err})") from None
+            raise ConfigError(f"model.vision.pretrained: cannot read '{file}' as a state dict ({err})") from None
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
@@ -279,7 +279,7 @@ def _load_visual_state(visual: nn.Module, file: Path) -> None:
     try:
         visual.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"model.vision.pretrained: '{file}' does not fit the image tower: "
+        raise ConfigError(f"model.vision.pretrained: '{file}' does not fit the image tower: "
                          f"{str(err).splitlines()[0]} ...") from None
 
 
