@@ -331,6 +331,15 @@ def test_open_clip_presets_plan_offline_and_fit_24gb(preset, monkeypatch, capsys
     assert run_cli(app) == 0 and "every stage fits" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name, block", [("ViT-M-16-alt", "ResidualAttentionBlock"), ("EVA02-B-16", "EvaBlock")])
+def test_the_planner_refuses_blocks_it_does_not_know(name, block):
+    # layer scale (ViT-M-16-alt), EVA's rotary blocks: not modelled, so not guessed
+    cfg, _ = resolve("tinyllava-tinyllama-openclip-vitl336-1.4b", "share",
+                     [f"model.vision.name_or_path=open_clip:{name}", "model.vision.pretrained=null"])
+    with pytest.raises(ConfigError, match=f"does not know the layer layout of {block}"):
+        mem.plan_run(cfg)
+
+
 MID = ("model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
        "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
        "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")

@@ -96,7 +96,7 @@ class OpenCLIPConfig:
     vision_cfg: dict
     quick_gelu: bool
     layers: int  # blocks kept (the feature layer's depth)
-    preprocess: dict  # open_clip's PreprocessCfg fields (PREPROCESS_KEYS)
+    preprocess: dict  # open_clip's PreprocessCfg fields (PREPROCESS_KEYS); size: the tower's
     pretrained: str | None = None  # where the weights first came from (for the record)
 
     model_type = "open_clip"  # not a field: tells the tower families apart, like transformers' configs
@@ -119,26 +119,20 @@ class OpenCLIPConfig:
         from tinylmm.processor import ImageProcessor
 
         p = self.preprocess
-        size = p["size"]
-        if isinstance(size, (list, tuple)):
-            if size[0] != size[1]:
-                raise ConfigError(f"open_clip model '{self.model_name}' takes {size[0]}x{size[1]} images; tinylmm's "
-                                  "image processor makes square ones")
-            size = size[0]
         fill = p["fill_color"]
         return ImageProcessor(
-            size=int(size), image_mean=list(spec.image_mean or p["mean"]), image_std=list(spec.image_std or p["std"]),
+            size=p["size"], image_mean=list(spec.image_mean or p["mean"]), image_std=list(spec.image_std or p["std"]),
             pad_to_square=spec.pad_to_square, resize=p["resize_mode"],
             # open_clip's 'random' interpolation is a training augmentation; at inference it is bicubic
             interpolation="bilinear" if p["interpolation"] == "bilinear" else "bicubic",
             fill=list(fill) if isinstance(fill, (list, tuple)) else [int(fill)] * 3)
 
 
-def _preprocess(size, overlay: dict) -> dict:
+def _preprocess(overlay: dict) -> dict:
+    """open_clip's defaults overlaid by `overlay`; the size is the tower's (OpenCLIPTower sets it)."""
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     cfg = merge_preprocess_dict(PreprocessCfg(), overlay or {})
-    cfg["size"] = size  # the tower's input size, as open_clip.create_model sets it
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PREPROCESS_KEYS}
 
 
@@ -176,7 +170,6 @@ class OpenCLIPTower(nn.Module):
         self.timm = timm
         self.has_cls = self.num_prefix_tokens > 0
         self.drop_cls = self.has_cls and spec.select == "patch"
-        self.config = dataclasses.replace(config, layers=keep)
         self.spec = dataclasses.replace(spec, feature_layer=-1)
         self.hidden_size = vit.embed_dim if timm else vit.transformer.width
         self.patch_size = (vit.patch_embed.patch_size if timm else vit.patch_size)[0]
@@ -185,6 +178,7 @@ class OpenCLIPTower(nn.Module):
             raise ConfigError(f"open_clip model '{config.model_name}' takes {size[0]}x{size[1]} images; tinylmm "
                               "takes square ones")
         self.image_size = size[0]
+        self.config = dataclasses.replace(config, layers=keep, preprocess={**config.preprocess, "size": size[0]})
         self.tower_tokens = grid[0] * grid[1] + self.num_prefix_tokens  # tokens inside the tower per image
         self.num_patches = grid[0] * grid[1] + (0 if self.drop_cls else self.num_prefix_tokens)
 
@@ -300,10 +294,8 @@ def build_openclip(spec: VisionSpec, *, dtype=None, device=None) -> OpenCLIPTowe
     cfg = model_config(name)
     meta = torch.device(device or "cpu").type == "meta"
     file, overlay = (None, {}) if meta else _weights(name, cfg, spec.pretrained)
-    vision_cfg = cfg["vision_cfg"]
-    size = vision_cfg.get("image_size", 224)
-    config = OpenCLIPConfig(name, cfg["embed_dim"], vision_cfg, bool(cfg.get("quick_gelu", False)), 0,
-                            _preprocess(size, overlay), spec.pretrained)
+    config = OpenCLIPConfig(name, cfg["embed_dim"], cfg["vision_cfg"], bool(cfg.get("quick_gelu", False)), 0,
+                            _preprocess(overlay), spec.pretrained)
     visual = _visual(config, device)
     if file is not None:
         _load_visual_state(visual, file)
@@ -319,8 +311,8 @@ def build_openclip(spec: VisionSpec, *, dtype=None, device=None) -> OpenCLIPTowe
 def load_tower(directory: Path, spec: VisionSpec) -> OpenCLIPTower:
     """The tower recorded in `directory`/open_clip.json, at random: the caller loads its
     weights (model.safetensors). Needs no open_clip registry entry for the name."""
-    _open_clip(PREFIX + str(directory))
     config = OpenCLIPConfig.load(directory)
+    _open_clip(PREFIX + config.model_name)
     return OpenCLIPTower(_visual(config), dataclasses.replace(spec, feature_layer=config.layers), config)
 
 
