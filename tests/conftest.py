@@ -26,6 +26,27 @@ def tiny_stages(recipe_stages=("pretrain", "share", "finetune"), steps=3, batch=
     return out
 
 
+def require_openclip():
+    """open_clip for the open_clip tests, or a skip of them saying why. CI runs with
+    TINYLMM_REQUIRE_OPENCLIP=1 (.ci/run): there a missing open_clip fails the run."""
+    try:
+        import open_clip
+    except ImportError as e:
+        if os.environ.get("TINYLMM_REQUIRE_OPENCLIP") == "1":
+            pytest.fail(f"TINYLMM_REQUIRE_OPENCLIP=1, but open_clip cannot be imported ({e})", pytrace=False)
+        pytest.skip(f"open_clip cannot be imported ({e}); pip install 'tinylmm[openclip]' to run these tests",
+                    allow_module_level=True)
+    return open_clip
+
+
+def openclip_testable() -> bool:
+    """Whether open_clip presets can be exercised here (under TINYLMM_REQUIRE_OPENCLIP=1 they
+    always are, so a missing open_clip fails instead of shrinking the tests)."""
+    import importlib.util
+
+    return os.environ.get("TINYLMM_REQUIRE_OPENCLIP") == "1" or importlib.util.find_spec("open_clip") is not None
+
+
 @pytest.fixture
 def tiny_overrides():
     return TINY + tiny_stages()

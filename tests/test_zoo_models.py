@@ -9,8 +9,10 @@ from tinylmm import zoo
 from tinylmm.generation import chat_reply
 from tinylmm.models.llm import supports_attention
 from tinylmm.models.lmm import build_model
+from tinylmm.models.openclip import build_openclip, is_openclip
 from tinylmm.train.memory.arch import arch_config
 
+from conftest import require_openclip
 from tiny_presets import tiny_spec
 from tiny_tokenizers import FAMILIES, family_tokenizer, model_token_ids
 
@@ -22,6 +24,9 @@ TURNS = [("human", "<image>\nWhat color is the circle?"), ("gpt", "red"),
 def tiny_preset(name: str):
     preset = zoo.get(name)
     spec = preset.model_spec()
+    if is_openclip(spec.vision):
+        require_openclip()
+        import tiny_openclip  # noqa: F401 - registers the tiny towers
     if name == "toy":
         return preset, spec  # already tiny, with its built-in tokenizer
     family = preset.info.family
@@ -46,8 +51,13 @@ def test_preset_trains_and_generates_as_a_tiny_model(name):
     real_llm = arch_config(preset.model_spec().llm, "llm")
     real_cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(**real_llm))]
     assert type(model.llm) is real_cls
-    real_vision = arch_config(preset.model_spec().vision, "vision")
-    assert model.vision.config.model_type == real_vision["model_type"]
+    real_spec = preset.model_spec().vision
+    if is_openclip(real_spec):  # the tiny tower: open_clip's same tower class (timm's or its own ViT)
+        real = build_openclip(real_spec, device="meta")
+        assert type(model.vision.model.trunk if hasattr(model.vision.model, "trunk") else model.vision.model) is \
+            type(real.model.trunk if hasattr(real.model, "trunk") else real.model)
+    else:
+        assert model.vision.config.model_type == arch_config(real_spec, "vision")["model_type"]
     assert proc.template_name == spec.template
     # sdpa where the class has it; Gemma-2 (soft-capped scores) falls back to eager
     want = "sdpa" if supports_attention(model.llm.config, "sdpa") else "eager"

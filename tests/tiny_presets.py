@@ -7,6 +7,7 @@ import copy
 import dataclasses
 
 from tinylmm.config import ModelSpec
+from tinylmm.models.openclip import is_openclip
 from tinylmm.train.memory.arch import arch_config
 
 # Widths only: every other key of the real config (rope, biases, norms, soft-capping, tied
@@ -49,6 +50,12 @@ def tiny_spec(spec: ModelSpec, tokenizer_dir: str, vocab_size: int, special_ids:
     feature layer, selection, preprocessing, connector and template."""
     llm = dataclasses.replace(spec.llm, name_or_path=None, tokenizer=str(tokenizer_dir),
                               config=tiny_llm_config(arch_config(spec.llm, "llm"), vocab_size, special_ids))
-    vision = dataclasses.replace(spec.vision, name_or_path=None,
-                                 config=tiny_vision_config(arch_config(spec.vision, "vision")))
+    if is_openclip(spec.vision):  # a registered tiny open_clip config of the same classes, random init
+        from tiny_openclip import TINY_FOR
+
+        real = spec.vision.name_or_path.split(":", 1)[1]
+        vision = dataclasses.replace(spec.vision, name_or_path=f"open_clip:{TINY_FOR[real]}", pretrained=None)
+    else:
+        vision = dataclasses.replace(spec.vision, name_or_path=None,
+                                     config=tiny_vision_config(arch_config(spec.vision, "vision")))
     return dataclasses.replace(spec, llm=llm, vision=vision)

@@ -55,8 +55,12 @@ class LLMSpec:
 
 @dataclass
 class VisionSpec:
+    # hub id or local directory (transformers' CLIP / SigLIP), or open_clip:<model name>
     name_or_path: str | None = None
     config: dict | None = None
+    # open_clip towers only: open_clip's pretrained tag (webli, openai ...), a directory with a
+    # download of the tag's hub repo, or a checkpoint file; absent: random initialisation
+    pretrained: str | None = None
     feature_layer: int = -2  # hidden_states index: -2 = penultimate layer, as LLaVA/TinyLLaVA
     # patch: drop the CLS token where the tower has one (CLIP: 577 -> 576; SigLIP keeps its 729)
     # cls_patch: keep every token
@@ -397,8 +401,12 @@ def resolve(
     if llm is not None:
         layers.set(["model", "llm"], {"name_or_path": str(llm), "tokenizer": str(llm), "config": None}, "cli --llm")
     if vision is not None:
-        layers.set(["model", "vision", "name_or_path"], str(vision), "cli --vision")
-        layers.set(["model", "vision", "config"], None, "cli --vision")
+        if str(layers.data["model"]["vision"].get("name_or_path") or "").startswith("open_clip:"):
+            # the architecture stays open_clip's model config; the weights come from PATH
+            layers.set(["model", "vision", "pretrained"], str(vision), "cli --vision")
+        else:
+            layers.set(["model", "vision", "name_or_path"], str(vision), "cli --vision")
+            layers.set(["model", "vision", "config"], None, "cli --vision")
     for path, value in parsed:
         if path in (["preset"], ["recipe"]):
             continue
@@ -450,6 +458,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
     for comp in ("vision", "llm"):
         component_states(cfg, comp)
+    vision = cfg.model.vision
+    if (vision.name_or_path or "").startswith("open_clip:"):
+        if vision.config is not None:
+            raise ConfigError("model.vision: an open_clip tower takes its architecture from open_clip's model "
+                              "configs; give 'name_or_path: open_clip:<model>' or an inline 'config', not both")
+        if vision.select == "drop_first":
+            raise ConfigError("model.vision.select: drop_first is TinyLLaVA_Factory's rule for transformers' "
+                              "towers; an open_clip tower takes patch (prefix tokens dropped) or cls_patch")
+    elif vision.pretrained is not None:
+        raise ConfigError("model.vision.pretrained names the weights of an open_clip tower (name_or_path: "
+                          "open_clip:<model>); a hub id or directory brings its own weights")
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from tinylmm.config import did_you_mean
 from tinylmm.data.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -22,20 +23,38 @@ from tinylmm.data.templates import (
 )
 
 
+RESIZE_MODES = ("squash", "shortest", "shortest_floor", "longest")
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
 @dataclass
 class ImageProcessor:
-    """Resize to a square `size` (bicubic), optionally after padding to a square with the mean
-    colour (LLaVA's "pad" aspect mode), then normalise. PIL + numpy only.
+    """Optionally pad to a square with the mean colour (LLaVA's "pad" aspect mode), bring
+    the image to `size` x `size`, normalise. PIL + numpy only.
 
-    `center_crop` resizes the shorter side to `size` and crops the centre instead of
-    squashing, as CLIP's own processor does (TinyLLaVA checkpoints with a CLIP tower and
-    the "square" aspect mode; a padded image is square, so there both rules agree)."""
+    `resize` (open_clip's resize modes; a square image is simply resized in each):
+      squash    resize to size x size, ignoring the aspect ratio (transformers' towers)
+      shortest  resize the shorter side to `size`, centre-crop the longer one (torchvision's
+                rounding of the crop offset, as open_clip's transforms)
+      shortest_floor  the same with the offset floored, as transformers' CLIP processor
+                (TinyLLaVA checkpoints with a CLIP tower and the "square" aspect mode)
+      longest   resize the longer side to `size`, pad the shorter one centred with `fill`
+    """
 
     size: int
     image_mean: list[float]
     image_std: list[float]
     pad_to_square: bool = True
-    center_crop: bool = False
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    fill: list[int] = field(default_factory=lambda: [0, 0, 0])  # RGB of `longest`'s padding
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"image processor: resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"image processor: interpolation '{self.interpolation}' is not one of "
+                             f"{', '.join(INTERPOLATIONS)}")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
@@ -45,25 +64,47 @@ class ImageProcessor:
             canvas = Image.new("RGB", (side, side), fill)
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = canvas
-        if self.center_crop and image.width != image.height:
-            # transformers' shortest-edge rule: the long side is truncated, the crop starts at floor
-            short, long = sorted(image.size)
-            scaled = (self.size, int(self.size * long / short))
-            image = image.resize(scaled if image.width <= image.height else scaled[::-1], Image.Resampling.BICUBIC)
-            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-            image = image.crop((left, top, left + self.size, top + self.size))
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        image = self._resize(image)
         x = np.asarray(image, dtype=np.float32) / 255.0
         x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        """To size x size, with torchvision's rounding (what open_clip's transforms run)."""
+        s, (w, h) = self.size, image.size
+        resample = INTERPOLATIONS[self.interpolation]
+        if (w, h) == (s, s):
+            return image
+        if self.resize == "squash" or w == h:
+            return image.resize((s, s), resample)
+        if self.resize in ("shortest", "shortest_floor"):
+            short, long = min(w, h), max(w, h)
+            long = int(s * long / short)  # torchvision's Resize(int) and transformers: the longer side truncated
+            w, h = (s, long) if w < h else (long, s)
+            image = image.resize((w, h), resample)
+            if self.resize == "shortest":
+                left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+            else:
+                left, top = (w - s) // 2, (h - s) // 2
+            return image.crop((left, top, left + s, top + s))
+        ratio = max(w, h) / s  # longest
+        w, h = round(w / ratio), round(h / ratio)
+        canvas = Image.new("RGB", (s, s), tuple(self.fill))
+        canvas.paste(image.resize((w, h), resample), ((s - w) // 2, (s - h) // 2))
+        return canvas
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "image_processor.json").write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "ImageProcessor":
-        return cls(**json.loads((Path(directory) / "image_processor.json").read_text()))
+        path = Path(directory) / "image_processor.json"
+        data = json.loads(path.read_text())
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ValueError(f"{path}: unknown key '{key}'{did_you_mean(key, names)}")
+        return cls(**data)  # files written before resize/interpolation/fill existed get the defaults
 
 
 class SampleError(ValueError):

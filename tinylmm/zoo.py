@@ -218,6 +218,7 @@ class Stats:
     image_mean: list[float]
     image_std: list[float]
     pad_to_square: bool
+    resize: str  # how the (padded) image is brought to image_size: squash, shortest ... (ImageProcessor)
     llm_model_type: str
     vision_model_type: str
     notes: list[str]
@@ -235,27 +236,41 @@ def stats(name: str) -> Stats:
 
 @functools.lru_cache(maxsize=64)
 def _stats(spec_json: str) -> Stats:
-    from tinylmm.models.vision import image_mean_std
+    from tinylmm.models.lmm import image_processor_for
+    from tinylmm.models.openclip import is_openclip, visual_parameter_count
     from tinylmm.train.memory import arch_config, build_meta, count_vision_parameters
 
     spec = from_dict(ModelSpec, json.loads(spec_json))
     meta = build_meta(spec)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    mean, std = image_mean_std(spec.vision, meta.vision_config.model_type)
-    return Stats(count(meta.llm), count(meta.vision), count_vision_parameters(arch_config(spec.vision, "vision")),
-                 count(meta.connector), meta.num_image_tokens, meta.vision_config.image_size,
-                 meta.vision_config.patch_size, list(mean), list(std), spec.vision.pad_to_square,
-                 meta.llm_config.model_type, meta.vision_config.model_type, list(meta.notes))
+    if is_openclip(spec.vision):  # open_clip ships its model configs
+        uncut = visual_parameter_count(spec.vision.name_or_path.split(":", 1)[1])
+        vision_type, patch = f"open_clip:{meta.vision_config.model_name}", meta.vision.patch_size
+    else:
+        uncut = count_vision_parameters(arch_config(spec.vision, "vision"))
+        vision_type, patch = meta.vision_config.model_type, meta.vision_config.patch_size
+    images = image_processor_for(spec.vision, meta.vision)
+    return Stats(count(meta.llm), count(meta.vision), uncut, count(meta.connector), meta.num_image_tokens,
+                 images.size, patch, list(images.image_mean), list(images.image_std), images.pad_to_square,
+                 images.resize, meta.llm_config.model_type, vision_type, list(meta.notes))
 
 
 def row(name: str) -> dict:
-    """One line of `tinylmm zoo ls`."""
-    p, s = get(name), stats(name)
+    """One line of `tinylmm zoo ls`. A preset whose tower needs open_clip, where it is not
+    installed, is listed without its counts (`unavailable` says why)."""
+    from tinylmm.models.openclip import OpenCLIPMissing
+
+    p = get(name)
+    try:
+        s, missing = stats(name), None
+    except OpenCLIPMissing as e:
+        s, missing = None, str(e)
     spec = p.model_spec()
     rec = p.info.recommended
     return {"name": p.name, "family": p.info.family, "vision_family": p.info.vision_family,
             "llm": spec.llm.name_or_path or "(inline config)", "vision": spec.vision.name_or_path or "(inline config)",
-            "params": s.total, "visual_tokens": s.num_image_tokens, "template": spec.template,
+            "params": s and s.total, "visual_tokens": s and s.num_image_tokens, "unavailable": missing,
+            "template": spec.template,
             "licence": p.info.licence, "gated": p.info.gated, "commercial": p.info.commercial,
             "recipe": rec.recipe if rec else None, "tune": rec.tune if rec else None,
             "source": p.source, "description": p.description}
@@ -282,7 +297,7 @@ def select(*, family: str | None = None, vision: str | None = None, max_params: 
     for name in names():
         r = row(name)
         if ((family is None or r["family"] == family) and (vision is None or r["vision_family"] == vision)
-                and (max_params is None or r["params"] <= max_params)
+                and (max_params is None or (r["params"] is not None and r["params"] <= max_params))
                 and (template is None or r["template"] == template)
                 and (commercial is None or r["commercial"] is commercial)
                 and (gated is None or r["gated"] is gated)):
@@ -318,7 +333,7 @@ def describe(name: str, budget_bytes: int | None = None, plan: bool = True) -> d
                        "total": s.total},
             "visual_tokens": s.num_image_tokens,
             "image": {"size": s.image_size, "patch_size": s.patch_size, "mean": s.image_mean, "std": s.image_std,
-                      "pad_to_square": s.pad_to_square, "resize": "bicubic"},
+                      "pad_to_square": s.pad_to_square, "resize": s.resize},
             "model_types": {"llm": s.llm_model_type, "vision": s.vision_model_type},
             "notes": s.notes,
             "plan": plan_summary(name, budget_bytes) if plan else None}

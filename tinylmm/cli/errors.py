@@ -36,7 +36,9 @@ def run_cli(app) -> int:
         if isinstance(e, click.exceptions.Abort):
             return 1
         if isinstance(e, _user_errors()):
-            Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+            from rich.markup import escape  # messages quote brackets: pip install 'tinylmm[openclip]'
+
+            Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
             return 2
         raise
     return 0

@@ -20,7 +20,9 @@ def register(zoo_file: Optional[Path]) -> None:
         zoo.register(zoo_file)
 
 
-def _billions(n: int) -> str:
+def _billions(n: int | None) -> str:
+    if n is None:
+        return "-"
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
@@ -56,6 +58,8 @@ def ls(
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
+
     table = Table(title=f"model zoo: {len(rows)} presets", title_justify="left")
     width = max((len(r["name"]) for r in rows), default=4)
     table.add_column("name", style="bold", no_wrap=True, min_width=width)
@@ -65,8 +69,12 @@ def ls(
     for r in rows:
         rec = f"{r['recipe']}/{r['tune']}" if r["recipe"] else "-"
         table.add_row(r["name"], r["family"] or "-", r["vision_family"] or "-", _billions(r["params"]),
-                      str(r["visual_tokens"]), r["template"], _terms(r), rec)
-    Console().print(table)
+                      str(r["visual_tokens"] or "-"), r["template"], _terms(r), rec)
+    console = Console()
+    console.print(table)
+    missing = {r["unavailable"] for r in rows if r["unavailable"]}
+    for reason in sorted(missing):
+        console.print(f"[dim]-: {escape(reason)}[/dim]", highlight=False)
 
 
 @app.command("show")
@@ -107,7 +115,7 @@ def show(
             ("visual tokens", f"{d['visual_tokens']} per image"),
             ("image", f"{img['size']} x {img['size']} px, patch {img['patch_size']}; "
                       f"{'padded to a square with the mean colour, ' if img['pad_to_square'] else ''}resized "
-                      f"{img['resize']}; normalised with mean {img['mean']} std {img['std']}"),
+                      f"({img['resize']}); normalised with mean {img['mean']} std {img['std']}"),
             ("licence", f"{d['licence'] or '-'}" + (" [gated]" if d["gated"] else "")
              + (" [non-commercial]" if d["commercial"] is False else "")),
             ("recommended", f"--recipe {d['recommended']['recipe']} --tune {d['recommended']['tune']}"

@@ -316,7 +316,7 @@ def build(src, *, tokenizer: str | Path | None = None, template: str | None = No
     model = TinyLMM(tower, connector, llm, tok.convert_tokens_to_ids("<image>"), spec).eval()
     image_processor = ImageProcessor(size=tower.image_size, image_mean=mean, image_std=std,
                                      pad_to_square=vspec.pad_to_square,
-                                     center_crop=family == "clip_vision_model" and not vspec.pad_to_square)
+                                     resize="shortest_floor" if family == "clip_vision_model" and not vspec.pad_to_square else "squash")
     notes.append(f"template '{template}' (the tokenizer's eos is {tok.eos_token!r})")
     theirs = cfg.get("vision_feature_select_strategy", "patch")
     notes.append(f"{model.num_image_tokens} visual tokens per image (their '{theirs}' selection: ours '{select}')")

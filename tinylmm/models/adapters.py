@@ -40,13 +40,20 @@ def _require(what: str):
 
 def linear_names(module: nn.Module, exclude: nn.Module | None = None) -> dict[str, int]:
     """Leaf names of the module's linear layers (bnb's 4/8-bit layers are nn.Linear too)
-    -> how many layers carry that name."""
+    -> how many layers carry that name. nn.MultiheadAttention's out_proj (open_clip's CLIP
+    towers) is not one: the attention reads its weight directly, so an adapter wrapped
+    around it would never run."""
     counts: dict[str, int] = {}
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and m is not exclude and "lora_" not in name:
-            leaf = name.rsplit(".", 1)[-1]
-            counts[leaf] = counts.get(leaf, 0) + 1
+    for name in _linear_layers(module, exclude):
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
     return counts
+
+
+def _linear_layers(module: nn.Module, exclude: nn.Module | None = None) -> list[str]:
+    inside_mha = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and m is not exclude and "lora_" not in name and id(m) not in inside_mha]
 
 
 def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: nn.Module | None = None) -> list[str]:
@@ -195,8 +202,13 @@ def attach_vision_lora(model, spec: LoraSpec) -> None:
     from peft import inject_adapter_in_model
 
     _require("lora")
-    targets = resolve_targets(model.vision.model, spec.targets, "vision tower")
-    inject_adapter_in_model(lora_config(spec, targets), model.vision.model)
+    tower = model.vision.model
+    names = set(resolve_targets(tower, spec.targets, "vision tower"))
+    # peft matches target names by suffix, whatever the module: in open_clip's timm towers the
+    # patch embedding (a Conv2d) and the attention output are both `proj`. Each linear layer
+    # is named in full.
+    paths = [n for n in _linear_layers(tower) if n.rsplit(".", 1)[-1] in names]
+    inject_adapter_in_model(lora_config(spec, paths), tower)
     model.vision_lora = spec
 
 

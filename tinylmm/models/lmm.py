@@ -8,7 +8,8 @@ A checkpoint directory describes itself:
     llm/                    the LLM as transformers writes it (config.json + weights), or,
                             after a lora/qlora stage, its adapter as peft writes it
                             (adapter_config.json + adapter_model.safetensors)
-    vision/config.json      the tower (cut at the feature layer)
+    vision/config.json      the tower (cut at the feature layer); an open_clip tower:
+                            vision/open_clip.json (models/openclip.py)
     model.safetensors       vision.* and connector.* (vision LoRA weights included)
     tokenizer/              image_processor.json
 
@@ -143,7 +144,10 @@ class TinyLMM(nn.Module):
         processor.save(directory)
 
 
-def _image_processor(spec: VisionSpec, tower) -> ImageProcessor:
+def image_processor_for(spec: VisionSpec, tower) -> ImageProcessor:
+    """The preprocessing a tower expects (open_clip's own, or the transformers family's)."""
+    if tower.config.model_type == "open_clip":  # open_clip's own preprocessing
+        return tower.config.image_processor(spec)
     mean, std = image_mean_std(spec, tower.config.model_type)
     return ImageProcessor(size=tower.image_size, image_mean=mean, image_std=std, pad_to_square=spec.pad_to_square)
 
@@ -163,7 +167,7 @@ def build_model(spec: ModelSpec, *, attn_implementation: str = "sdpa", dtype=Non
     if dtype is not None:
         connector.to(dtype)
     model = TinyLMM(vision, connector, llm, tokenizer.convert_tokens_to_ids("<image>"), spec)
-    processor = Processor(tokenizer, _image_processor(spec.vision, vision), spec.template, model.num_image_tokens)
+    processor = Processor(tokenizer, image_processor_for(spec.vision, vision), spec.template, model.num_image_tokens)
     return model, processor
 
 
@@ -186,7 +190,7 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
     from transformers import AutoConfig, AutoTokenizer
 
     from tinylmm.config import LoraSpec, QuantSpec
-    from tinylmm.models import adapters
+    from tinylmm.models import adapters, openclip
     from tinylmm.models.vision import VisionTower, _vision_classes
 
     from tinylmm.models.loading import quiet_libraries
@@ -218,9 +222,12 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
     else:
         llm = adapters.load_llm(path / "llm", quant=quant, device=device, attn_implementation=attn_implementation,
                                 dtype=dtype)
-    vis_cfg = AutoConfig.from_pretrained(str(path / "vision"))
-    vis_cfg._attn_implementation = attn_implementation
-    tower = VisionTower(_vision_classes()[vis_cfg.model_type][1](vis_cfg), spec.vision)
+    if (path / "vision" / openclip.CONFIG_FILE).exists():
+        tower = openclip.load_tower(path / "vision", spec.vision)
+    else:
+        vis_cfg = AutoConfig.from_pretrained(str(path / "vision"))
+        vis_cfg._attn_implementation = attn_implementation
+        tower = VisionTower(_vision_classes()[vis_cfg.model_type][1](vis_cfg), spec.vision)
     connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)
     model = TinyLMM(tower, connector, llm, tokenizer.convert_tokens_to_ids("<image>"), spec)
     if meta.get("llm_base"):

@@ -1,4 +1,5 @@
-"""Vision towers: transformers' CLIP and SigLIP vision models, cut at the feature layer.
+"""Vision towers: transformers' CLIP and SigLIP vision models, cut at the feature layer
+(open_clip's towers, `name_or_path: open_clip:<model>`, are in models/openclip.py).
 
 LLaVA reads the penultimate layer (`feature_layer: -2`). Layers after the feature layer,
 the post-layernorm and SigLIP's pooling head never influence that output, so the tower
@@ -96,7 +97,10 @@ class VisionTower(nn.Module):
 
 def build_vision(spec: VisionSpec, *, dtype=None, attn_implementation: str = "sdpa") -> VisionTower:
     from tinylmm.models.loading import from_pretrained_or_fail
+    from tinylmm.models.openclip import build_openclip, is_openclip
 
+    if is_openclip(spec):  # open_clip's attention is its own (sdpa): attn_implementation is for transformers
+        return build_openclip(spec, dtype=dtype)
     if spec.config is not None:
         cfg = _config_from_dict(spec.config)
         cfg._attn_implementation = attn_implementation

@@ -210,6 +210,9 @@ def _forget_previous_accelerator() -> None:
 
 def _enable_checkpointing(model) -> None:
     for part in (model.llm, model.vision.model):
+        if hasattr(part, "set_grad_checkpointing"):  # an open_clip tower: its switch (non-reentrant)
+            part.set_grad_checkpointing(True)
+            continue
         if getattr(part, "is_activation_checkpointing", None) or (
                 not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)):
             continue

@@ -1,7 +1,7 @@
 """The memory planner: will each stage of a run fit on one GPU, and with what micro-batch?
 
 `plan_run(cfg)` needs no weights. It builds the architectures on the `meta` device from
-configs embedded in tinylmm/assets/arch/ (arch.py), decides for each stage which
+configs embedded in tinylmm/assets/arch/ or shipped with open_clip (arch.py), decides for each stage which
 parameters train and how each is stored (trainability.py), counts weights, adapters,
 gradients and optimizer states to the byte (storage.py), and counts the activations
 tensor by tensor as the modules' forward code saves them for backward (tracer.py,

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from tinylmm.config import COMPONENTS, ConfigError, RunConfig
 from tinylmm.models.llm import decoder_layers
 from tinylmm.train.memory.arch import MetaModel
-from tinylmm.train.memory.layers import MEASURED_LLMS, LayerView, decoder_layer, llm_dims, vit_layer
+from tinylmm.train.memory.layers import (
+    MEASURED_LLMS,
+    LayerView,
+    decoder_layer,
+    llm_dims,
+    openclip_block,
+    openclip_embeddings,
+    vit_layer,
+)
 from tinylmm.train.memory.tracer import Linear, Norm, Sym, Tracer
 from tinylmm.train.memory.trainability import HALF, ComponentState, component_state
 
@@ -190,29 +198,40 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     vs = states["vision"]
     v_bytes = wbytes(vs)
     vt = meta.vision
-    inner = vt._inner[0]
-    vcfg = meta.vision_config
     tok_v = meta.tower_tokens
     top = tracer(tok_v)()
-    emb = inner.embeddings
-    conv_w = emb.patch_embedding.weight
+    openclip = meta.vision_config.model_type == "open_clip"
+    conv_w = vt.patch_embedding.weight if openclip else vt._inner[0].embeddings.patch_embedding.weight
     conv_train = vs.trains(conv_w)
-    px = top.cast(Sym(3 * vcfg.patch_size**2, 4, False), v_bytes(conv_w))  # pixels cast to the conv dtype
+    patch = vt.patch_size if openclip else meta.vision_config.patch_size
+    px = top.cast(Sym(3 * patch**2, 4, False), v_bytes(conv_w))  # pixels cast to the conv dtype
     if conv_train:
         top.save(top.cast(px, top.c) if autocast else px)
         if autocast:
             top.fixed += top.c * conv_w.numel()
-    pos_w = emb.position_embedding.weight
-    x = Sym(vcfg.hidden_size, max(top.c if autocast else v_bytes(conv_w), v_bytes(pos_w)),
-            conv_train or vs.trains(pos_w))
-    if hasattr(inner, "pre_layrnorm"):  # CLIP
-        x = top.layernorm(x, Norm(v_bytes(inner.pre_layrnorm.weight), vs.trains(inner.pre_layrnorm.weight)))
-    act_saves = 2 if getattr(vcfg, "hidden_act", "") == "quick_gelu" else 1
+    conv_out = top.c if autocast else v_bytes(conv_w)
     names = {id(m): n for n, m in vt.named_modules()}
+    if openclip:
+        emb, pre_norm = openclip_embeddings(vt)
+        # timm adds its position embedding as is (type promotion); open_clip casts it to x's dtype
+        x = Sym(vt.hidden_size, max([conv_out] + [v_bytes(p) for p in emb]) if vt.timm else conv_out,
+                conv_train or any(vs.trains(p) for p in emb))
+        if pre_norm is not None:
+            x = top.layernorm(x, Norm(v_bytes(pre_norm.weight), vs.trains(pre_norm.weight)))
 
-    def run_vit(tr, x, layer):
-        view = LayerView(layer, names[id(layer)], vs, cfg, half)
-        return vit_layer(tr, x, view, vcfg.num_attention_heads, act_saves, eager)
+        def run_vit(tr, x, layer):
+            return openclip_block(tr, x, LayerView(layer, names[id(layer)], vs, cfg, half))
+    else:
+        inner, vcfg = vt._inner[0], meta.vision_config
+        pos_w = inner.embeddings.position_embedding.weight
+        x = Sym(vcfg.hidden_size, max(conv_out, v_bytes(pos_w)), conv_train or vs.trains(pos_w))
+        if hasattr(inner, "pre_layrnorm"):  # CLIP
+            x = top.layernorm(x, Norm(v_bytes(inner.pre_layrnorm.weight), vs.trains(inner.pre_layrnorm.weight)))
+        act_saves = 2 if getattr(vcfg, "hidden_act", "") == "quick_gelu" else 1
+
+        def run_vit(tr, x, layer):
+            view = LayerView(layer, names[id(layer)], vs, cfg, half)
+            return vit_layer(tr, x, view, vcfg.num_attention_heads, act_saves, eager)
 
     x, v_acts = _trace_stack(tracer(tok_v), x, vt.layers, run_vit)
     v_acts.outside, v_acts.fixed_outside = top.per_token(), top.fixed

@@ -1,8 +1,8 @@
 """The architectures, without weights: embedded hub configs, built on the `meta` device.
 
-`build_meta(spec)` builds a preset's model as tinylmm does (transformers' classes, the
-vision tower cut at its feature layer, the connector, the embedding grown for `<image>`)
-with shapes only: no memory, no download.
+`build_meta(spec)` builds a preset's model as tinylmm does (transformers' classes or an
+open_clip tower, the vision tower cut at its feature layer, the connector, the embedding
+grown for `<image>`) with shapes only: no memory, no download.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def arch_config(spec: LLMSpec | VisionSpec, what: str) -> dict:
     name = spec.name_or_path
     if not name:
         raise ConfigError(f"model.{what} needs 'name_or_path' (hub id or directory) or an inline 'config'")
+    if name.startswith("open_clip:"):
+        raise ConfigError(f"model.{what} '{name}' is an open_clip tower: its architecture is open_clip's model "
+                          "config, not a transformers config (build_meta builds it)")
     path = arch_file(name)
     if not path.exists():
         path = Path(name).expanduser() / "config.json"
@@ -158,12 +161,12 @@ class MetaModel:
     """The model of a preset on the meta device (shapes only)."""
 
     llm: nn.Module
-    vision: nn.Module  # tinylmm VisionTower, cut at the feature layer
+    vision: nn.Module  # tinylmm VisionTower or OpenCLIPTower, cut at the feature layer
     connector: nn.Module
     llm_config: object
     vision_config: object
     num_image_tokens: int  # visual tokens per image in the LLM sequence
-    tower_tokens: int  # tokens inside the tower per image (patches, + CLS for CLIP)
+    tower_tokens: int  # tokens inside the tower per image (patches, + CLS / registers)
     notes: list[str]
     llm_attention: str = "sdpa"  # what the LLM runs without flash-attention: sdpa, or eager
 
@@ -178,6 +181,7 @@ def _build_meta(key: str) -> MetaModel:
 
     from tinylmm.config import from_dict
     from tinylmm.models.connectors import build_connector
+    from tinylmm.models.openclip import build_openclip, is_openclip
     from tinylmm.models.vision import VisionTower
 
     spec = from_dict(ModelSpec, json.loads(key))
@@ -196,15 +200,20 @@ def _build_meta(key: str) -> MetaModel:
     elif n_tok > rows:
         llm.resize_token_embeddings(n_tok, mean_resizing=False)
         notes.append(f"embedding grown {rows:,} -> {n_tok:,} rows for <image> ({source})")
-    vis_cfg, model_cls = _vision_config(arch_config(spec.vision, "vision"))
-    with torch.device("meta"):
-        tower_model = model_cls(vis_cfg)
-    tower = VisionTower(tower_model, spec.vision)
+    if is_openclip(spec.vision):  # open_clip ships its model configs: nothing to embed
+        tower = build_openclip(spec.vision, device="meta")
+        tower_tokens = tower.tower_tokens
+    else:
+        vis_cfg, model_cls = _vision_config(arch_config(spec.vision, "vision"))
+        with torch.device("meta"):
+            tower_model = model_cls(vis_cfg)
+        tower = VisionTower(tower_model, spec.vision)
+        grid = tower.config.image_size // tower.config.patch_size
+        tower_tokens = grid * grid + int(tower.has_cls)
     with torch.device("meta"):
         connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)
-    grid = tower.config.image_size // tower.config.patch_size
     return MetaModel(llm, tower, connector, llm.config, tower.config,
-                     connector.output_len(tower.num_patches), grid * grid + int(tower.has_cls), notes, attn)
+                     connector.output_len(tower.num_patches), tower_tokens, notes, attn)
 
 
 def build_meta(spec: ModelSpec) -> MetaModel:

@@ -1,7 +1,7 @@
 """The blocks the planner knows, op by op as their forward code runs them: LLaMA-like
 decoder layers (llama, mistral, qwen2; qwen3 with its per-head q/k norms), Gemma-2's
 (four norms, soft-capped eager attention), StableLM's and Phi's, CLIP / SigLIP encoder
-layers."""
+layers, open_clip's ViT blocks (its own, and timm's)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ class LayerView:
         except AttributeError:
             raise ConfigError(
                 f"the memory planner does not know the layer layout of {type(self.block).__name__} (no '{name}'); "
-                "it knows LLaMA-like (llama, mistral, qwen2, qwen3), Gemma-2, StableLM and Phi LLMs, CLIP and SigLIP towers"
+                "it knows LLaMA-like (llama, mistral, qwen2, qwen3), Gemma-2, StableLM and Phi LLMs, CLIP and SigLIP "
+                "towers, open_clip's plain ViT blocks"
             ) from None
 
     def wbytes(self, p) -> float:
@@ -65,6 +66,13 @@ class LayerView:
         return Linear(m.in_features, m.out_features, self.wbytes(m.weight), self.state.trains(m.weight),
                       id(m.weight) in self.state.quantized, r, self.state.lora_trainable and bool(r),
                       self.cfg.lora.dropout)
+
+    def packed(self, name: str) -> Linear:
+        """nn.MultiheadAttention's packed q/k/v projection (a weight, not a module); never adapted:
+        peft's adapters on linear layers do not reach it."""
+        m = self._get(name)
+        w = m.in_proj_weight
+        return Linear(w.shape[1], w.shape[0], self.wbytes(w), self.state.trains(w))
 
     def norm(self, name: str) -> Norm:
         m = self._get(name)
@@ -116,3 +124,52 @@ def vit_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, act_saves: int, eage
     h = tr.layernorm(x, L.norm("layer_norm2"))
     m = tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=act_saves)
     return tr.add(x, tr.linear(m, L.lin("mlp.fc2")))
+
+
+# --------------------------------------------------------------------------- open_clip towers
+
+# The plain blocks, by their module names: timm's Block (SigLIP towers) and open_clip's own
+# ResidualAttentionBlock (CLIP towers). Anything else in them (layer scale, q/k norms, drop
+# path, dropout) is not modelled: the planner refuses such a block rather than guess.
+_TIMM = dict(norm1="norm1", qkv="attn.qkv", out="attn.proj", norm2="norm2", fc1="mlp.fc1", act="mlp.act",
+             fc2="mlp.fc2", plain=("ls1", "ls2", "drop_path1", "drop_path2", "attn.q_norm", "attn.k_norm",
+                                   "attn.norm", "mlp.norm"))
+_OPENCLIP = dict(norm1="ln_1", qkv="attn", out="attn.out_proj", norm2="ln_2", fc1="mlp.c_fc", act="mlp.gelu",
+                 fc2="mlp.c_proj", plain=("ls_1", "ls_2"))
+_NO_DROP = ("attn.proj_drop", "mlp.drop1", "mlp.drop2")
+
+
+def openclip_embeddings(tower) -> tuple[list, nn.Module | None]:
+    """(the parameters added to the patch embeddings: position and prefix tokens, the
+    norm before the blocks or None) of an OpenCLIPTower."""
+    vit = tower._vit[0]
+    if tower.timm:
+        params = [p for p in (vit.pos_embed, vit.cls_token, getattr(vit, "reg_token", None)) if p is not None]
+        pre = vit.norm_pre
+    else:
+        params, pre = [vit.positional_embedding, vit.class_embedding], vit.ln_pre
+    return params, (None if isinstance(pre, nn.Identity) else pre)
+
+
+def openclip_block(tr: Tracer, x: Sym, L: LayerView) -> Sym:
+    timm = type(L.block).__name__ == "Block"
+    names = _TIMM if timm else _OPENCLIP
+    if type(L.block).__name__ not in ("Block", "ResidualAttentionBlock") or not all(
+            isinstance(L._get(n), nn.Identity) for n in names["plain"]) or (
+            timm and any(L._get(n).p for n in _NO_DROP)):
+        raise ConfigError(f"the memory planner does not know the layer layout of {type(L.block).__name__} "
+                          f"({L.prefix}): it knows open_clip's and timm's plain ViT blocks (no layer scale, "
+                          "q/k norm, drop path or dropout)")
+    attn = L._get("attn")
+    heads = attn.num_heads
+    h = tr.layernorm(x, L.norm(names["norm1"]))
+    qkv = tr.linear(h, L.lin(names["qkv"]) if timm else L.packed(names["qkv"]))
+    q, k, v = (Sym(qkv.n / 3, qkv.b, qkv.grad) for _ in range(3))  # views of one tensor: 3 x 1/3 of it
+    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=False)
+    # out_proj / proj read sdpa's output through views: the CPU kernel lays its output out as
+    # q is laid out, which is already the order the projection reads
+    x = tr.add(x, tr.linear(a, L.lin(names["out"])))
+    h = tr.layernorm(x, L.norm(names["norm2"]))
+    act_saves = 2 if type(L._get(names["act"])).__name__ == "QuickGELU" else 1  # x * sigmoid(1.702 x)
+    m = tr.unary(tr.linear(h, L.lin(names["fc1"])), saves=act_saves)
+    return tr.add(x, tr.linear(m, L.lin(names["fc2"])))

@@ -225,7 +225,9 @@ def _llm(model):
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing of the LLM's and the tower's layers, as the loop."""
     for part in (_llm(model), model.vision.model):
-        if hasattr(part, "activation_checkpointing_enable"):
+        if hasattr(part, "set_grad_checkpointing"):  # an open_clip tower
+            part.set_grad_checkpointing(True)
+        elif hasattr(part, "activation_checkpointing_enable"):
             part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
