@@ -71,15 +71,17 @@ QWEN3_TEMPLATE = (
     "{%- endif %}"
 )
 
-# Llama-3.2: BOS, then always a system header with the knowledge-cutoff and date lines (a
-# fixed date here, as the official template falls back to), then headed turns ending in
+# Llama-3.2: BOS, then always a system header with the knowledge-cutoff and date lines (today's
+# date where the renderer offers strftime_now, as the official template), then headed turns ending in
 # <|eot_id|>; contents are trimmed.
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if messages[0].role == 'system' %}"
     "{%- set system = messages[0].content | trim %}{%- set turns = messages[1:] %}"
     "{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
-    "{%- if date_string is not defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if date_string is not defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: ' + date_string + '\\n\\n' }}"
     "{{- system + '<|eot_id|>' }}"

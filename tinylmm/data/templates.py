@@ -165,6 +165,10 @@ PROBE = [
 ]
 
 
+# Llama-3.x's chat template's own default when it cannot read the clock.
+FIXED_DATE = "26 Jul 2024"
+
+
 class ChatTemplate:
     """`auto`: the conversation format of the tokenizer's own chat template.
 
@@ -175,7 +179,9 @@ class ChatTemplate:
     prompt then opens an empty `<think>` block, as its template renders the last answer, so
     the inference prompt is the training text up to that answer; earlier answers are
     rendered as the template renders history (Qwen3: without a think block), i.e. the
-    training text is exactly the template's own rendering of the conversation.
+    training text is exactly the template's own rendering of the conversation. `date_string`
+    is fixed too: Llama-3.x's template otherwise writes today's date into its system header,
+    and the same sample would tokenize differently from one day to the next.
 
     Supervised: each answer's text and the special token the template writes right after
     it (found at binding time: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>` ...). Answers are
@@ -239,7 +245,7 @@ class ChatTemplate:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
-                                                      enable_thinking=False)
+                                                      enable_thinking=False, date_string=FIXED_DATE)
         except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in a template
             raise TemplateMismatch(f"the chat template of '{self.tokenizer_name}' refused the conversation "
                                    f"({type(e).__name__}: {e})") from None

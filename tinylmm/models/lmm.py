@@ -115,7 +115,11 @@ class TinyLMM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", self.llm.config.pad_token_id or self.llm.config.eos_token_id)
+        pad = self.llm.config.pad_token_id
+        if pad is None:  # Llama-3.x configs list several eos ids and no pad
+            eos = self.llm.config.eos_token_id
+            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        kwargs.setdefault("pad_token_id", pad)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device), **kwargs)
 
     # ------------------------------------------------------------------ persistence
