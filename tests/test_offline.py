@@ -95,3 +95,10 @@ def test_a_partial_index_past_the_tower_fails_before_the_first_stage(tmp_path):
     with pytest.raises(ConfigError, match="stages.share.tune.vision: partial:12"):
         train_run("toy", "share", overrides, output_dir=tmp_path / "run", evaluate=False)
     assert not (tmp_path / "run" / "pretrain").exists()  # stage 1 never ran
+
+
+def test_vision_flag_on_an_open_clip_preset_names_its_weights():
+    # the architecture stays open_clip's model config; the directory holds the weights
+    cfg, sources = resolve("tinyllava-phi2-openclip-siglip-3.1b", "share", vision="/data/siglip-webli")
+    assert cfg.model.vision.name_or_path == "open_clip:ViT-SO400M-14-SigLIP-384"
+    assert cfg.model.vision.pretrained == "/data/siglip-webli" and sources["model.vision.pretrained"] == "cli --vision"
