@@ -333,7 +333,13 @@ def template_names() -> list[str]:
 
 def describe_templates() -> list[tuple[str, str]]:
     """(name, one line) for `tinylmm ls templates`."""
-    rows = [(n, repr(t.system[:40] + "..." if t.system else "(no system prompt)")) for n, t in TEMPLATES.items()]
+    lines = {
+        "phi": "TinyLLaVA's USER/ASSISTANT format, answers end with <|endoftext|> (Phi-2, StableLM-2)",
+        "llama": "TinyLLaVA's USER/ASSISTANT format, answers end with </s> (TinyLlama, the toy)",
+        "tinyllava": "TinyLLaVA's USER/ASSISTANT format, answers end with the tokenizer's eos (their gemma, qwen2_instruct)",
+        "pretrain": "caption alignment: <image> then the caption and a newline (stage template)",
+    }
+    rows = [(n, lines.get(n, repr(t.system[:40]))) for n, t in TEMPLATES.items()]
     return rows + [(AUTO, "the tokenizer's own chat template (Qwen2.5/3, SmolLM2, Llama-3, Gemma-2 ...)")]
 
 
