@@ -80,7 +80,8 @@ def test_every_embedded_config_builds_and_unknown_ids_fail_clearly(tmp_path):
     assert len(mem.embedded_archs()) >= 6  # every preset's: tests/test_zoo.py
     for hub_id in mem.embedded_archs():
         data = arch(hub_id)
-        count = mem.count_vision_parameters if data["model_type"].endswith("vision_model") else mem.count_llm_parameters
+        vision = data["model_type"].endswith("vision_model") or data["model_type"] == "dinov2"
+        count = mem.count_vision_parameters if vision else mem.count_llm_parameters
         assert count(data) > 9e7
     with pytest.raises(ConfigError, match="(?s)'nobody/model'.*huggingface-cli download nobody/model config.json"):
         mem.arch_config(LLMSpec(name_or_path="nobody/model"), "llm")
@@ -344,3 +345,45 @@ def test_help_lists_plan(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--help")
     assert code == 0 and "--budget" in out and "--micro-batch" in out and "--seq-len" in out
     assert "--logit-positions" in out
+
+
+# --------------------------------------------------------------------------- DINOv2's layers
+
+# published at 140 px, fed 112 (8 x 8 patches + CLS) as DINOv2-L at 518 is fed 224; a small
+# LayerScale as DINOv2's own initialisation
+DINOV2_MID = ["model.vision.config={model_type: dinov2, hidden_size: 384, num_hidden_layers: 4, "
+              "num_attention_heads: 6, image_size: 140, patch_size: 14, layerscale_value: 1.0e-5}",
+              "model.vision.image_size=112"]
+
+
+@pytest.mark.parametrize("stage, tune, precision", [
+    ("share", "full", "fp32"),  # trainable layer scales keep their inputs
+    ("share", "full", "bf16"),  # fp32 scales on bf16 branches: the products are fp32
+    ("share", "lora", "fp32"),
+    ("finetune", "frozen", "fp32"),  # the frozen tower saves nothing
+])
+def test_dinov2_activation_estimate_matches_bytes_saved_for_backward(stage, tune, precision, tmp_path):
+    cfg, _ = resolve("toy", "share", [LLAMA_MID, *DINOV2_MID, f"stages.share.tune.vision={tune}", "lora.r=8",
+                                      f"train.precision={precision}"])
+    model = measure.stage_model(cfg, stage, tmp_path, precision)
+    batch = measure.make_batch(model, 2, 320)
+    plain, ckpt = measure.measure_saved(model, batch, precision)
+    acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, stage, seq_len=320, precision=precision,
+                                 device="cpu", logit_positions=measure.logit_positions(batch))
+    assert acts.vision_tokens == 65 and acts.llm_tokens == 320
+    assert sum(acts.saved(2, False).values()) == pytest.approx(plain, rel=0.01)
+    assert sum(acts.saved(2, True).values()) == pytest.approx(ckpt, rel=0.01)
+    # the tower's share of the step is small: it is held to the truth on its own
+    model = measure.stage_model(cfg, stage, tmp_path / "again", precision)
+    v, tokens = acts.vision, acts.vision_tokens * 2
+    plain, ckpt = measure.measure_tower_saved(model, batch["pixel_values"], precision)
+    assert (plain > 0) == (tune != "frozen")
+    assert (v.outside + v.layers) * tokens + v.fixed_outside + v.fixed_layers == pytest.approx(plain, rel=0.01, abs=1)
+    assert (v.outside + v.held) * tokens + v.recompute(tokens) + v.fixed_outside == pytest.approx(ckpt, rel=0.01, abs=1)
+
+
+def test_the_planner_refuses_dinov2_layers_it_does_not_model():
+    for key in ("drop_path_rate: 0.1", "use_swiglu_ffn: true"):
+        cfg, _ = resolve("toy", "share", [LLAMA_MID, DINOV2_MID[0][:-1] + f", {key}}}", DINOV2_MID[1]])
+        with pytest.raises(ConfigError, match="DINOv2 layers with a GELU MLP and no drop path"):
+            mem.plan_run(cfg, seq_len=320)

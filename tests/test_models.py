@@ -19,6 +19,10 @@ LLMS = {
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
               num_attention_heads=2, image_size=32, patch_size=8)
 CLIP = dict(SIGLIP, model_type="clip_vision_model")
+# published at 40 px (5 x 5 patches), fed 24 px (3 x 3) as DINOv2-L at 518 is fed 224; a layer
+# scale other than 1 so that a missing LayerScale would show
+DINOV2 = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=40,
+              patch_size=8, layerscale_value=0.5)
 
 
 def spec(llm="llama", vision=SIGLIP, connector="mlp2x_gelu", **conn):
@@ -51,6 +55,61 @@ def test_feature_layer_and_selection_match_full_tower(vision, has_cls, layer):
     torch.testing.assert_close(got, want[:, 1:] if has_cls else want)
     expected_layers = {-2: 2, -1: 3, 1: 1}[layer]
     assert len(tower.layers) == expected_layers
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+@pytest.mark.parametrize("select", ["patch", "cls_patch"])
+def test_dinov2_features_are_the_full_models_hidden_states_at_the_input_size(layer, select):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    full = Dinov2Model(Dinov2Config(**{k: v for k, v in DINOV2.items() if k != "model_type"})).eval()
+    tower = build_vision(VisionSpec(config=dict(DINOV2), feature_layer=layer, select=select, image_size=24)).eval()
+    # the cut tower is a part of the full model: the final layernorm and mask_token are gone
+    dropped = {k for k in full.state_dict() if k not in tower.model.state_dict()}
+    assert {"embeddings.mask_token", "layernorm.weight", "layernorm.bias"} <= dropped
+    assert tower.model.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped}).missing_keys == []
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        want = full(pixel_values=x, output_hidden_states=True).hidden_states[layer]
+        got = tower(x)
+    assert tower.image_size == 24 and len(tower.layers) == {-2: 2, -1: 3, 1: 1}[layer]
+    assert got.shape[1] == tower.num_patches == (9 if select == "patch" else 10)
+    torch.testing.assert_close(got, want[:, 1:] if select == "patch" else want)
+
+
+def test_dinov2_every_parameter_gets_a_gradient_and_the_tower_saves_and_loads(tmp_path):
+    from PIL import Image
+
+    s = spec(vision=DINOV2)
+    s.vision.image_size = 24
+    model, proc = build_model(s)
+    assert proc.image_processor.size == 24 and model.num_image_tokens == 9
+    assert proc.image_processor.image_mean == [0.485, 0.456, 0.406]  # ImageNet's
+    img = Image.new("RGB", (40, 30), (200, 10, 10))
+    enc = proc.encode([("human", "<image>\nWhat color?"), ("gpt", "red")], num_images=1)
+    ids = torch.tensor([enc.input_ids])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([enc.labels]),
+          pixel_values=proc.image_processor(img)[None]).loss.backward()
+    # cls_token, the position embeddings (through their interpolation), the layer scales: no
+    # parameter of the tower idles (DDP's unused-parameter rule)
+    idle = [n for n, p in model.vision.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert idle == []
+    model.save(tmp_path / "ck", proc)
+    again, proc2 = load(tmp_path / "ck")
+    assert again.vision.image_size == 24 and proc2.image_processor.size == 24
+    prompt = proc.prompt([("human", "<image>\nWhat color?")], [img])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**prompt).logits, model.eval()(**prompt).logits)
+
+
+@pytest.mark.parametrize("vision, size, message", [
+    (DINOV2, 20, "image_size=20 is not a multiple of the tower's patch size 8 \\(e.g. 16\\)"),
+    (SIGLIP, 24, "a siglip_vision_model tower takes its own 32 px; only dinov2"),
+])
+def test_an_input_size_the_tower_cannot_take_is_a_clear_error(vision, size, message):
+    with pytest.raises(ConfigError, match=message):
+        build_vision(VisionSpec(config=dict(vision), image_size=size))
 
 
 def test_clip_cls_patch_keeps_cls():

@@ -325,20 +325,6 @@ SIGLIP_MID = ("model.vision.config={model_type: siglip_vision_model, hidden_size
               "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}")
 
 
-def _tower_saved(model, pixels, precision) -> tuple[int, int]:
-    """What the vision tower alone saves for backward, (without, with) checkpointing, as
-    measure.measure_saved counts it for the whole model."""
-    tower = model.vision
-    with measure.SavedTensors(tower, {"vision": tower.layers}) as plain, measure.autocast(precision):
-        out = tower(pixels)
-    without, largest = plain.total, max((plain.layer_bytes(k) for k in plain.by_layer), default=0)
-    del out
-    measure.enable_checkpointing(model)
-    with measure.SavedTensors(tower, {"vision": tower.layers}) as ck, measure.autocast(precision):
-        out = tower(pixels)
-    return without, ck.total + ck.held_bytes() + largest
-
-
 @pytest.mark.parametrize("tower", ["open_clip:tinylmm-test-siglip-mid", "open_clip:tinylmm-test-clip-mid",
                                    "transformers"])
 @pytest.mark.parametrize("tune, precision", [("full", "fp32"), ("partial:2", "fp32"), ("full", "bf16"),
@@ -354,7 +340,7 @@ def test_activation_estimate_matches_bytes_saved_for_backward(tower, tune, preci
     acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, "share", seq_len=320, precision=precision,
                                  device="cpu", logit_positions=measure.logit_positions(batch))
     v, tokens = acts.vision, acts.vision_tokens * 2
-    plain, ckpt = _tower_saved(model, batch["pixel_values"], precision)
+    plain, ckpt = measure.measure_tower_saved(model, batch["pixel_values"], precision)
     assert plain > 0
     assert (v.outside + v.layers) * tokens + v.fixed_outside + v.fixed_layers == pytest.approx(plain, rel=0.01)
     assert (v.outside + v.held) * tokens + v.recompute(tokens) + v.fixed_outside == pytest.approx(ckpt, rel=0.01)

@@ -177,6 +177,20 @@ def test_vision_parameter_counts_match_the_published_ones():
     siglip2 = arch("google/siglip2-so400m-patch14-384")
     assert siglip2 == arch("google/siglip-so400m-patch14-384")
     assert round(mem.count_vision_parameters(siglip2) / 1e6, 2) == 428.23
+    # facebookresearch/dinov2 README, "Pretrained models": ViT-L/14 distilled, 300 M (rounded to
+    # 10 M; the mask token of its masked pre-training included, which tinylmm drops)
+    dinov2 = mem.count_vision_parameters(arch("facebook/dinov2-large"))
+    assert dinov2 == 304_368_640 and round(dinov2 / 1e7) * 1e7 == 300e6
+
+
+def test_dinov2_preset_feeds_224_px_and_drops_the_cls_token(described):
+    d = described["qwen2.5-1.5b-dinov2-l-1.8b"]
+    assert d["vision_family"] == "dinov2" and d["model_types"]["vision"] == "dinov2"
+    assert d["image"]["size"] == 224 and d["visual_tokens"] == 256  # 16 x 16 patches, CLS dropped
+    assert d["image"]["mean"] == [0.485, 0.456, 0.406] and d["image"]["pad_to_square"]
+    # cut at layer -2: the last of 24 layers, the final layernorm and the mask token are gone
+    layer = 4 * (1024 * 1024 + 1024) + 2 * 1024 * 4096 + 4096 + 1024 + 2 * 2 * 1024 + 2 * 1024
+    assert d["params"]["vision"] == d["params"]["vision_full"] - layer - 2 * 1024 - 1024
 
 
 # --------------------------------------------------------------------------- the planner on the new families

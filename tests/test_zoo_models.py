@@ -58,6 +58,8 @@ def test_preset_trains_and_generates_as_a_tiny_model(name):
             type(real.model.trunk if hasattr(real.model, "trunk") else real.model)
     else:
         assert model.vision.config.model_type == arch_config(real_spec, "vision")["model_type"]
+        if real_spec.image_size is not None:  # DINOv2 at 224 px: the tiny tower interpolates its positions too
+            assert model.vision.image_size == spec.vision.image_size < model.vision.config.image_size
     assert proc.template_name == spec.template
     # sdpa where the class has it; Gemma-2 (soft-capped scores) falls back to eager
     want = "sdpa" if supports_attention(model.llm.config, "sdpa") else "eager"

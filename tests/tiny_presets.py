@@ -42,7 +42,17 @@ def tiny_vision_config(real: dict) -> dict:
     cfg = {k: v for k, v in real.items() if k not in ("architectures", "transformers_version", "_name_or_path",
                                                       "torch_dtype", "dtype")}
     cfg.update(VISION_SIZE)
+    if "mlp_ratio" in real:  # DINOv2: the MLP's width is hidden_size x mlp_ratio
+        del cfg["intermediate_size"]
     return cfg
+
+
+def tiny_image_size(spec) -> int | None:
+    """A preset that feeds its tower another size than the config's (DINOv2: 224 for 518) gets a
+    tiny one smaller than the tiny config's too, so the position embeddings are interpolated."""
+    if spec.vision.image_size is None:
+        return None
+    return VISION_SIZE["image_size"] - VISION_SIZE["patch_size"]
 
 
 def tiny_spec(spec: ModelSpec, tokenizer_dir: str, vocab_size: int, special_ids: dict) -> ModelSpec:
@@ -56,6 +66,6 @@ def tiny_spec(spec: ModelSpec, tokenizer_dir: str, vocab_size: int, special_ids:
         real = spec.vision.name_or_path.split(":", 1)[1]
         vision = dataclasses.replace(spec.vision, name_or_path=f"open_clip:{TINY_FOR[real]}", pretrained=None)
     else:
-        vision = dataclasses.replace(spec.vision, name_or_path=None,
+        vision = dataclasses.replace(spec.vision, name_or_path=None, image_size=tiny_image_size(spec),
                                      config=tiny_vision_config(arch_config(spec.vision, "vision")))
     return dataclasses.replace(spec, llm=llm, vision=vision)

@@ -55,7 +55,7 @@ class LLMSpec:
 
 @dataclass
 class VisionSpec:
-    # hub id or local directory (transformers' CLIP / SigLIP), or open_clip:<model name>
+    # hub id or local directory (transformers' CLIP / SigLIP / DINOv2), or open_clip:<model name>
     name_or_path: str | None = None
     config: dict | None = None
     # open_clip towers only: open_clip's pretrained tag (webli, openai ...), a directory with a
@@ -68,6 +68,10 @@ class VisionSpec:
     #   (no CLS) removes a real patch: so400m-patch14-384 gives 728 tokens, not 729
     select: Literal["patch", "cls_patch", "drop_first"] = "patch"
     pad_to_square: bool = True  # pad with the mean colour before resizing (LLaVA "pad")
+    # input size in pixels, a multiple of the patch size; None: the config's image_size. Only for
+    # towers that interpolate their position embeddings (DINOv2: published at 518, fed 224 = 16x16
+    # patches here, as DINOv2's own 224 px evaluation)
+    image_size: int | None = None
     image_mean: list[float] | None = None  # default: preprocessor_config.json or the family's
     image_std: list[float] | None = None
 
@@ -466,9 +470,14 @@ def validate(cfg: RunConfig) -> None:
         if vision.select == "drop_first":
             raise ConfigError("model.vision.select: drop_first is TinyLLaVA_Factory's rule for transformers' "
                               "towers; an open_clip tower takes patch (prefix tokens dropped) or cls_patch")
+        if vision.image_size is not None:
+            raise ConfigError("model.vision.image_size: an open_clip tower takes the input size of its model "
+                              "config (choose an open_clip model of that size)")
     elif vision.pretrained is not None:
         raise ConfigError("model.vision.pretrained names the weights of an open_clip tower (name_or_path: "
                           "open_clip:<model>); a hub id or directory brings its own weights")
+    if vision.image_size is not None and vision.image_size <= 0:
+        raise ConfigError(f"model.vision.image_size={vision.image_size} must be positive (or null: the tower's own)")
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
 

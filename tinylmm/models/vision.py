@@ -1,11 +1,16 @@
-"""Vision towers: transformers' CLIP and SigLIP vision models, cut at the feature layer
+"""Vision towers: transformers' CLIP, SigLIP and DINOv2 models, cut at the feature layer
 (open_clip's towers, `name_or_path: open_clip:<model>`, are in models/openclip.py).
 
 LLaVA reads the penultimate layer (`feature_layer: -2`). Layers after the feature layer,
-the post-layernorm and SigLIP's pooling head never influence that output, so the tower
-drops them at build time: less compute and memory, and no parameters that would receive
-no gradient (which DDP rejects). A saved tower is therefore already cut, and is saved
-with `feature_layer: -1`.
+the post-layernorm (DINOv2: `layernorm`) and SigLIP's pooling head never influence that
+output, so the tower drops them at build time: less compute and memory, and no parameters
+that would receive no gradient (which DDP rejects). DINOv2's `mask_token` (its masked
+pre-training only) goes for the same reason. A saved tower is therefore already cut, and
+is saved with `feature_layer: -1`.
+
+DINOv2 is published at 518 px (37 x 37 patches) and interpolates its position embeddings
+to any input that is a multiple of its patch: `model.vision.image_size` sets the input
+size (224: 16 x 16 patches, as LLaVA-style use and DINOv2's own 224 px evaluation).
 """
 
 from __future__ import annotations
@@ -24,15 +29,28 @@ log = logging.getLogger(__name__)
 FAMILY_MEAN_STD = {
     "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
     "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    "dinov2": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # ImageNet's (facebook/dinov2-*)
 }
+
+# Towers that interpolate their position embeddings to another input size in every forward
+# (DINOv2 always does); CLIP's and SigLIP's would need `interpolate_pos_encoding`.
+RESIZABLE = ("dinov2",)
 
 
 def _vision_classes():
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     return {
         "siglip_vision_model": (SiglipVisionConfig, SiglipVisionModel),
         "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
+        "dinov2": (Dinov2Config, Dinov2Model),
     }
 
 
@@ -51,36 +69,60 @@ class VisionTower(nn.Module):
     def __init__(self, model: nn.Module, spec: VisionSpec):
         super().__init__()
         inner = getattr(model, "vision_model", model)  # older transformers nest the transformer
-        layers = inner.encoder.layers
+        # CLIP / SigLIP: encoder.layers, post_layernorm; DINOv2: encoder.layer, layernorm
+        self._layers_name = "layers" if hasattr(inner.encoder, "layers") else "layer"
+        layers = getattr(inner.encoder, self._layers_name)
         total = len(layers)
         keep = spec.feature_layer + total + 1 if spec.feature_layer < 0 else spec.feature_layer
         if not 1 <= keep <= total:
             raise ConfigError(
                 f"model.vision.feature_layer={spec.feature_layer} is outside the tower's {total} layers"
             )
-        inner.encoder.layers = layers[:keep]
+        setattr(inner.encoder, self._layers_name, layers[:keep])
         # Never used for the features: see the module docstring.
-        inner.post_layernorm = nn.Identity()
+        for norm in ("post_layernorm", "layernorm"):
+            if hasattr(inner, norm):
+                setattr(inner, norm, nn.Identity())
         if hasattr(inner, "head"):
             inner.head = nn.Identity()
             inner.use_head = False
+        if getattr(inner.embeddings, "mask_token", None) is not None:
+            inner.embeddings.mask_token = None
+            model.config.use_mask_token = False
         model.config.num_hidden_layers = keep
+        if hasattr(model.config, "stage_names"):  # DINOv2's config is a backbone's too: its stages follow the cut
+            model.config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, keep + 1)]
+            model.config.set_output_features_output_indices(out_features=None, out_indices=None)
         if hasattr(model.config, "vision_use_head"):
             model.config.vision_use_head = False
         self.model = model
         self._inner = [inner]  # not a submodule twice
-        self.has_cls = hasattr(inner.embeddings, "class_embedding")
+        self.has_cls = hasattr(inner.embeddings, "class_embedding") or hasattr(inner.embeddings, "cls_token")
         # Token 0 goes for `patch` when it is a CLS token, and always for `drop_first`.
         self.drop_first = spec.select == "drop_first" or (self.has_cls and spec.select == "patch")
         self.spec = dataclasses.replace(spec, feature_layer=-1)
         self.hidden_size = model.config.hidden_size
-        self.image_size = model.config.image_size
-        grid = model.config.image_size // model.config.patch_size
+        patch = model.config.patch_size
+        self.image_size = spec.image_size or model.config.image_size
+        if spec.image_size is not None:
+            if model.config.model_type not in RESIZABLE:
+                raise ConfigError(f"model.vision.image_size: a {model.config.model_type} tower takes its own "
+                                  f"{model.config.image_size} px; only {', '.join(RESIZABLE)} towers take another size")
+            if spec.image_size % patch:
+                raise ConfigError(f"model.vision.image_size={spec.image_size} is not a multiple of the tower's "
+                                  f"patch size {patch} (e.g. {spec.image_size // patch * patch or patch})")
+        grid = self.image_size // patch
         self.num_patches = grid * grid + int(self.has_cls) - int(self.drop_first)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self._inner[0].encoder.layers
+        return getattr(self._inner[0].encoder, self._layers_name)
+
+    @property
+    def patch_conv(self) -> nn.Conv2d:
+        """The patch embedding's convolution (its weight's dtype is the tower's input dtype)."""
+        emb = self._inner[0].embeddings
+        return emb.patch_embedding if hasattr(emb, "patch_embedding") else emb.patch_embeddings.projection
 
     @property
     def config(self):
@@ -88,10 +130,13 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         inner = self._inner[0]
-        h = inner.embeddings(pixel_values.to(inner.embeddings.patch_embedding.weight.dtype))
+        h = inner.embeddings(pixel_values.to(self.patch_conv.weight.dtype))
         if hasattr(inner, "pre_layrnorm"):  # CLIP
             h = inner.pre_layrnorm(h)
-        h = inner.encoder(inputs_embeds=h).last_hidden_state
+        if self._layers_name == "layer":  # DINOv2's encoder takes the hidden states positionally
+            h = inner.encoder(h).last_hidden_state
+        else:
+            h = inner.encoder(inputs_embeds=h).last_hidden_state
         return h[:, 1:] if self.drop_first else h
 
 
@@ -100,6 +145,8 @@ def build_vision(spec: VisionSpec, *, dtype=None, attn_implementation: str = "sd
     from tinylmm.models.openclip import build_openclip, is_openclip
 
     if is_openclip(spec):  # open_clip's attention is its own (sdpa): attn_implementation is for transformers
+        if spec.image_size is not None:
+            raise ConfigError("model.vision.image_size: an open_clip tower takes the input size of its model config")
         return build_openclip(spec, dtype=dtype)
     if spec.config is not None:
         cfg = _config_from_dict(spec.config)

@@ -22,6 +22,7 @@ from tinylmm.train.memory.layers import (
     MEASURED_LLMS,
     LayerView,
     decoder_layer,
+    dinov2_layer,
     llm_dims,
     openclip_block,
     openclip_embeddings,
@@ -201,7 +202,7 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     tok_v = meta.tower_tokens
     top = tracer(tok_v)()
     openclip = meta.vision_config.model_type == "open_clip"
-    conv_w = vt.patch_embedding.weight if openclip else vt._inner[0].embeddings.patch_embedding.weight
+    conv_w = vt.patch_embedding.weight if openclip else vt.patch_conv.weight
     conv_train = vs.trains(conv_w)
     patch = vt.patch_size if openclip else meta.vision_config.patch_size
     px = top.cast(Sym(3 * patch**2, 4, False), v_bytes(conv_w))  # pixels cast to the conv dtype
@@ -223,14 +224,22 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
             return openclip_block(tr, x, LayerView(layer, names[id(layer)], vs, cfg, half))
     else:
         inner, vcfg = vt._inner[0], meta.vision_config
-        pos_w = inner.embeddings.position_embedding.weight
-        x = Sym(vcfg.hidden_size, max(conv_out, v_bytes(pos_w)), conv_train or vs.trains(pos_w))
+        emb = inner.embeddings
+        # CLIP / SigLIP: an nn.Embedding of positions; DINOv2: position embeddings (interpolated
+        # to the input size: a fixed-size computation that saves nothing per token) and a CLS
+        # token concatenated to the patches, both as parameters: type promotion takes the widest
+        added = [emb.position_embedding.weight] if hasattr(emb, "position_embedding") else [
+            emb.position_embeddings, emb.cls_token]
+        x = Sym(vcfg.hidden_size, max([conv_out] + [v_bytes(p) for p in added]),
+                conv_train or any(vs.trains(p) for p in added))
         if hasattr(inner, "pre_layrnorm"):  # CLIP
             x = top.layernorm(x, Norm(v_bytes(inner.pre_layrnorm.weight), vs.trains(inner.pre_layrnorm.weight)))
         act_saves = 2 if getattr(vcfg, "hidden_act", "") == "quick_gelu" else 1
 
         def run_vit(tr, x, layer):
             view = LayerView(layer, names[id(layer)], vs, cfg, half)
+            if vcfg.model_type == "dinov2":
+                return dinov2_layer(tr, x, view, vcfg.num_attention_heads, eager)
             return vit_layer(tr, x, view, vcfg.num_attention_heads, act_saves, eager)
 
     x, v_acts = _trace_stack(tracer(tok_v), x, vt.layers, run_vit)

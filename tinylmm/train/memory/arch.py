@@ -58,7 +58,8 @@ def embedded_archs() -> list[str]:
 
 
 def _vision_part(data: dict) -> dict:
-    """A full CLIP/SigLIP config holds both towers; the vision tower is its vision_config."""
+    """A full CLIP/SigLIP config holds both towers; the vision tower is its vision_config
+    (a DINOv2 config is the tower's own)."""
     if "vision_config" in data:
         part = dict(data["vision_config"])
         part.setdefault("model_type", f"{data.get('model_type', '')}_vision_model")
@@ -208,7 +209,7 @@ def _build_meta(key: str) -> MetaModel:
         with torch.device("meta"):
             tower_model = model_cls(vis_cfg)
         tower = VisionTower(tower_model, spec.vision)
-        grid = tower.config.image_size // tower.config.patch_size
+        grid = tower.image_size // tower.config.patch_size  # DINOv2: model.vision.image_size, if given
         tower_tokens = grid * grid + int(tower.has_cls)
     with torch.device("meta"):
         connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)

@@ -1,7 +1,7 @@
 """The blocks the planner knows, op by op as their forward code runs them: LLaMA-like
 decoder layers (llama, mistral, qwen2; qwen3 with its per-head q/k norms), Gemma-2's
 (four norms, soft-capped eager attention), StableLM's and Phi's, CLIP / SigLIP encoder
-layers, open_clip's ViT blocks (its own, and timm's)."""
+layers, DINOv2's (with LayerScale), open_clip's ViT blocks (its own, and timm's)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class LayerView:
         except AttributeError:
             raise ConfigError(
                 f"the memory planner does not know the layer layout of {type(self.block).__name__} (no '{name}'); "
-                "it knows LLaMA-like (llama, mistral, qwen2, qwen3), Gemma-2, StableLM and Phi LLMs, CLIP and SigLIP "
-                "towers, open_clip's plain ViT blocks"
+                "it knows LLaMA-like (llama, mistral, qwen2, qwen3), Gemma-2, StableLM and Phi LLMs, CLIP, SigLIP "
+                "and DINOv2 towers, open_clip's plain ViT blocks"
             ) from None
 
     def wbytes(self, p) -> float:
@@ -77,6 +77,11 @@ class LayerView:
     def norm(self, name: str) -> Norm:
         m = self._get(name)
         return Norm(self.wbytes(m.weight), self.state.trains(m.weight))
+
+    def scale(self, name: str) -> Norm:
+        """A per-channel scale (DINOv2's LayerScale: the parameter `lambda1`)."""
+        w = self._get(name).lambda1
+        return Norm(self.wbytes(w), self.state.trains(w))
 
 
 def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, eager: bool) -> Sym:
@@ -124,6 +129,22 @@ def vit_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, act_saves: int, eage
     h = tr.layernorm(x, L.norm("layer_norm2"))
     m = tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=act_saves)
     return tr.add(x, tr.linear(m, L.lin("mlp.fc2")))
+
+
+def dinov2_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, eager: bool) -> Sym:
+    """Dinov2Layer: each branch's output multiplied by a per-channel LayerScale before the
+    residual add. Stochastic depth (drop_path) and the SwiGLU MLP (ViT-g) are not modelled."""
+    if not isinstance(L._get("drop_path"), nn.Identity) or hasattr(L._get("mlp"), "gate_proj"):
+        raise ConfigError(f"the memory planner does not know the layer layout of {type(L.block).__name__} "
+                          f"({L.prefix}): it knows DINOv2 layers with a GELU MLP and no drop path "
+                          "(drop_path_rate: 0, use_swiglu_ffn: false)")
+    h = tr.layernorm(x, L.norm("norm1"))
+    q, k, v = (tr.linear(h, L.lin(f"attention.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
+    x = tr.add(x, tr.scale(tr.linear(a, L.lin("attention.o_proj")), L.scale("layer_scale1")))
+    h = tr.layernorm(x, L.norm("norm2"))
+    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")))
+    return tr.add(x, tr.scale(tr.linear(m, L.lin("mlp.fc2")), L.scale("layer_scale2")))
 
 
 # --------------------------------------------------------------------------- open_clip towers

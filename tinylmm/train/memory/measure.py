@@ -256,6 +256,20 @@ def measure_saved(model, batch: dict, precision: str) -> tuple[int, int]:
     return without, ck.total + ck.held_bytes() + largest_layer
 
 
+def measure_tower_saved(model, pixel_values: torch.Tensor, precision: str) -> tuple[int, int]:
+    """What the vision tower alone saves for backward, (without, with) checkpointing, counted
+    as `measure_saved` counts the whole model. Enables checkpointing on `model`."""
+    tower = model.vision
+    with SavedTensors(tower, {"vision": tower.layers}) as plain, autocast(precision):
+        out = tower(pixel_values)
+    without, largest = plain.total, max((plain.layer_bytes(k) for k in plain.by_layer), default=0)
+    del out
+    enable_checkpointing(model)
+    with SavedTensors(tower, {"vision": tower.layers}) as ck, autocast(precision):
+        out = tower(pixel_values)
+    return without, ck.total + ck.held_bytes() + largest
+
+
 def measure_peak(cfg, stage: str, batch_size: int, seq_len: int, run_dir, micro_batches: int = 2) -> tuple[int, int]:
     """(peak, logit positions): the peak of live tensor bytes over one optimizer step of
     `micro_batches` accumulated micro-batches, run as tinylmm.train.loop runs it (nothing

@@ -92,6 +92,13 @@ class Tracer:
             self.save(b)
         return self.add(a, b)
 
+    def scale(self, x: Sym, w: Norm) -> Sym:
+        """x * w, w a per-channel parameter (LayerScale): x is saved when w trains; the product
+        takes the wider dtype (a bf16 activation times an fp32 scale is fp32: no autocast here)."""
+        if w.trainable:
+            self.save(x)
+        return Sym(x.n, max(x.b, w.wbytes), x.grad or w.trainable)
+
     def unary(self, x: Sym, saves: int = 1) -> Sym:
         """An elementwise op saving its input (silu, gelu) and `saves - 1` more of its size."""
         if x.grad:
