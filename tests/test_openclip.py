@@ -307,6 +307,18 @@ def test_open_clip_presets_plan_offline_and_fit_24gb(preset, monkeypatch, capsys
     assert run_cli(app) == 0 and "every stage fits" in capsys.readouterr().out
 
 
+def test_zoo_shows_the_preprocessing_of_the_presets_weights_without_reading_them():
+    # webli's SigLIP weights want mean/std 0.5 and a squash resize; open_clip's defaults
+    # (CLIP's mean, shortest-edge crop) would be reported if the tag were ignored offline
+    from tinylmm import zoo
+
+    zoo._stats.cache_clear()
+    siglip = zoo.describe("tinyllava-phi2-openclip-siglip-3.1b", plan=False)["image"]
+    assert siglip["mean"] == siglip["std"] == [0.5, 0.5, 0.5] and siglip["resize"] == "squash"
+    clip = zoo.describe("tinyllava-tinyllama-openclip-clip-1.3b", plan=False)["image"]
+    assert clip["mean"][0] == pytest.approx(0.48145466) and clip["size"] == 336
+
+
 @pytest.mark.parametrize("name, block", [("ViT-M-16-alt", "ResidualAttentionBlock"), ("EVA02-B-16", "EvaBlock")])
 def test_the_planner_refuses_blocks_it_does_not_know(name, block):
     # layer scale (ViT-M-16-alt), EVA's rotary blocks: not modelled, so not guessed

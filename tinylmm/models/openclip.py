@@ -105,6 +105,12 @@ class OpenCLIPConfig:
 
     model_type = "open_clip"  # not a field: tells the tower families apart, like transformers' configs
 
+    @classmethod
+    def of(cls, name: str, cfg: dict, preprocess: dict, pretrained: str | None = None) -> "OpenCLIPConfig":
+        """From open_clip's model config `cfg` of `name` (layers: set when the tower is cut)."""
+        return cls(name, cfg["embed_dim"], cfg["vision_cfg"], bool(cfg.get("quick_gelu", False)), 0, preprocess,
+                   pretrained)
+
     def save_pretrained(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -207,8 +213,9 @@ class OpenCLIPTower(nn.Module):
 # --------------------------------------------------------------------------- weights
 
 
-def _weights(name: str, cfg: dict, pretrained: str | None) -> tuple[Path | None, dict]:
-    """(checkpoint file, preprocessing overlay) for `pretrained`: a tag, a directory, a file."""
+def _weights(name: str, cfg: dict, pretrained: str | None, *, fetch: bool = True) -> tuple[Path | None, dict]:
+    """(checkpoint file, preprocessing overlay) for `pretrained`: a tag, a directory, a file.
+    `fetch=False` (planning on the meta device): the overlay only, no download, no file needed."""
     from tinylmm.models.loading import ModelNotFoundError
 
     oc = _open_clip(PREFIX + name)
@@ -219,7 +226,7 @@ def _weights(name: str, cfg: dict, pretrained: str | None) -> tuple[Path | None,
         return path, {}
     if path.is_dir():
         found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
-        if not found:
+        if not found and fetch:
             raise ModelNotFoundError(f"model.vision.pretrained: the directory '{path}' holds none of "
                                      f"{', '.join(WEIGHT_FILES)} (a download of an open_clip hub repo has them)")
         overlay = {}
@@ -231,7 +238,7 @@ def _weights(name: str, cfg: dict, pretrained: str | None) -> tuple[Path | None,
                 raise ConfigError(f"model.vision.pretrained: {config_file} describes another image tower than "
                                   f"open_clip's '{name}' ({theirs} vs {cfg['vision_cfg']})")
             overlay = data.get("preprocess_cfg", {})
-        return found[0], overlay
+        return (found[0] if found else None), overlay
     tags = oc.list_pretrained_tags_by_model(name)
     tag = oc.get_pretrained_cfg(name, pretrained)
     if not tag:
@@ -246,6 +253,8 @@ def _weights(name: str, cfg: dict, pretrained: str | None) -> tuple[Path | None,
         raise ConfigError(f"model.vision: open_clip's '{pretrained}' weights were trained with"
                           f"{'' if tag.get('quick_gelu') else 'out'} QuickGELU, and '{name}' is built "
                           f"with{'out' if tag.get('quick_gelu') else ''} it: use name_or_path: {PREFIX}{other}")
+    if not fetch:
+        return None, tag
     try:
         file = oc.download_pretrained(tag)
     except Exception as err:  # noqa: BLE001 - huggingface_hub / urllib raise many kinds; one message for all
@@ -297,11 +306,11 @@ def build_openclip(spec: VisionSpec, *, dtype=None, device=None) -> OpenCLIPTowe
     name = model_name(spec)
     cfg = model_config(name)
     meta = torch.device(device or "cpu").type == "meta"
-    file, overlay = (None, {}) if meta else _weights(name, cfg, spec.pretrained)
-    config = OpenCLIPConfig(name, cfg["embed_dim"], cfg["vision_cfg"], bool(cfg.get("quick_gelu", False)), 0,
-                            _preprocess(overlay), spec.pretrained)
+    # On the meta device the weights' preprocessing still counts (what `zoo show` reports)
+    file, overlay = _weights(name, cfg, spec.pretrained, fetch=not meta)
+    config = OpenCLIPConfig.of(name, cfg, _preprocess(overlay), spec.pretrained)
     visual = _visual(config, device)
-    if file is not None:
+    if file is not None and not meta:
         _load_visual_state(visual, file)
     elif not meta:
         log.warning("vision tower %s%s: no pretrained weights (model.vision.pretrained), randomly initialised",
@@ -322,6 +331,5 @@ def load_tower(directory: Path, spec: VisionSpec) -> OpenCLIPTower:
 
 def visual_parameter_count(name: str) -> int:
     """Parameters of open_clip's whole image tower `name` (uncut), counted on the meta device."""
-    cfg = model_config(name)
-    config = OpenCLIPConfig(name, cfg["embed_dim"], cfg["vision_cfg"], bool(cfg.get("quick_gelu", False)), 0, {})
+    config = OpenCLIPConfig.of(name, model_config(name), {})
     return sum(p.numel() for p in _visual(config, "meta").parameters())
