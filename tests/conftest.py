@@ -26,6 +26,18 @@ def tiny_stages(recipe_stages=("pretrain", "share", "finetune"), steps=3, batch=
     return out
 
 
+def supervised_runs(ids, labels):
+    """Contiguous runs of supervised token ids (labels != -100)."""
+    runs, cur = [], []
+    for i, label in zip(ids, labels):
+        if label != -100:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + [cur] if cur else runs
+
+
 def require_openclip():
     """open_clip for the open_clip tests, or a skip of them saying why. CI runs with
     TINYLMM_REQUIRE_OPENCLIP=1 (.ci/run): there a missing open_clip fails the run."""

@@ -10,26 +10,13 @@ from tinylmm.data.llava import DataError, LlavaDataset
 from tinylmm.data.templates import IGNORE_INDEX, get_template
 from tinylmm.models.lmm import build_model
 from tinylmm.processor import ImageProcessor, SampleError
+from conftest import supervised_runs
 from test_models import spec
 
 
 @pytest.fixture(scope="module")
 def proc():
     return build_model(spec())[1]
-
-
-def supervised_spans(ids, labels):
-    """Contiguous runs of supervised tokens."""
-    runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return runs
 
 
 CONVERSATION = [
@@ -46,7 +33,7 @@ def test_supervised_spans_are_exactly_the_assistant_messages(proc, template):
     enc = proc.encode(turns, tpl, num_images=1)
     tok = proc.tokenizer
     eos = tpl.end_token(tok)
-    spans = [tok.decode(run) for run in supervised_spans(enc.input_ids, enc.labels)]
+    spans = [tok.decode(run) for run in supervised_runs(enc.input_ids, enc.labels)]
     answers = [v for r, v in turns if r == "gpt"]
     assert [s.strip() for s in spans] == [(a + eos).strip() for a in answers]
     # image positions and the prompt are never supervised

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from conftest import supervised_runs
 from tiny_tokenizers import FAMILIES, KINDS, QWEN25_SYSTEM, SMOLLM2_SYSTEM, family_tokenizer, make_tokenizer
 from tinylmm.config import ConfigError, resolve
 from tinylmm.data.llava import DataError, LlavaDataset
@@ -50,18 +51,6 @@ def processor(family, template=None) -> Processor:
     return _PROCESSORS[key]
 
 
-def runs(ids, labels):
-    """Contiguous runs of supervised token ids."""
-    out, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + [cur] if cur else out
-
-
 def expected_span(family, answer):
     """What the model must generate after the prompt: TinyLLaVA's prompts end in "ASSISTANT:",
     so its answers start with the space; chat templates end their prompt at the answer."""
@@ -86,9 +75,9 @@ def test_supervised_tokens_are_exactly_the_answers_and_end_tokens(family):
             (text[s:e], label)
     # The processor's sample: the same supervised runs, each ending with the end-of-turn token.
     sample = proc.encode(CONV, num_images=1)
-    decoded = [tok.decode(r) for r in runs(sample.input_ids, sample.labels)]
+    decoded = [tok.decode(r) for r in supervised_runs(sample.input_ids, sample.labels)]
     assert [d.strip() for d in decoded] == [(a + FAMILIES[family].end_token) for a in ANSWERS]
-    assert all(r[-1] == proc.end_token_id for r in runs(sample.input_ids, sample.labels))
+    assert all(r[-1] == proc.end_token_id for r in supervised_runs(sample.input_ids, sample.labels))
     assert sample.input_ids.count(proc.image_token_id) == N_IMG
     assert all(lab == IGNORE_INDEX for i, lab in zip(sample.input_ids, sample.labels) if i == proc.image_token_id)
 
@@ -136,7 +125,7 @@ def test_bos_exactly_once(family):
 def test_pretrain_template_supervises_the_caption_and_newline(family):
     proc = processor(family)
     sample = proc.encode(CAPTION, proc.get_template("pretrain"), num_images=1)
-    (run,) = runs(sample.input_ids, sample.labels)
+    (run,) = supervised_runs(sample.input_ids, sample.labels)
     assert proc.tokenizer.decode(run).lstrip() == "A red circle at the top left.\n"
     assert sample.input_ids[sample.input_ids.index(proc.image_token_id) + N_IMG] == run[0]
 
@@ -166,7 +155,7 @@ def test_generation_stops_at_the_end_token_and_decodes_the_answer(family):
     assert proc.end_token_id == end_id and proc.stop_token_ids[0] == end_id
     # What the model is trained to generate for the last answer, replayed by a stand-in model.
     sample = proc.encode(CONV, num_images=1)
-    answer_ids = runs(sample.input_ids, sample.labels)[-1]
+    answer_ids = supervised_runs(sample.input_ids, sample.labels)[-1]
     assert answer_ids[-1] == end_id
     model = Replay(answer_ids + [proc.tokenizer.pad_token_id])
     image = Image.new("RGB", (8, 8))
@@ -257,7 +246,7 @@ def test_text_role_markers_are_fine_when_the_family_uses_text():
     proc = processor("tinyllama", "auto")
     assert proc.template.end_token(proc.tokenizer) == "</s>"
     sample = proc.encode(CONV, num_images=1)
-    assert [proc.tokenizer.decode(r) for r in runs(sample.input_ids, sample.labels)] == [a + "</s>" for a in ANSWERS]
+    assert [proc.tokenizer.decode(r) for r in supervised_runs(sample.input_ids, sample.labels)] == [a + "</s>" for a in ANSWERS]
 
 
 def test_a_template_bound_to_another_tokenizer_is_refused():

@@ -194,15 +194,13 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
     from transformers import AutoConfig, AutoTokenizer
 
     from tinylmm.config import LoraSpec, QuantSpec
+    from tinylmm.convert import tinyllava
     from tinylmm.models import adapters, openclip
-    from tinylmm.models.vision import VisionTower, _vision_classes
-
     from tinylmm.models.loading import quiet_libraries
+    from tinylmm.models.vision import VisionTower, _vision_classes
 
     quiet_libraries()
     path = Path(path)
-    from tinylmm.convert import tinyllava
-
     if not (path / "tinylmm.json").exists() and tinyllava.is_tinyllava_dir(path):
         return tinyllava.load(path, attn_implementation=attn_implementation, dtype=dtype, device=device,
                               load_4bit=load_4bit)
