@@ -375,6 +375,7 @@ def resolve(
     from a local directory or another hub id; `key=value` overrides still win.
     Returns (config, sources)."""
     from tinylmm import zoo
+    from tinylmm.models.openclip import is_openclip
     from tinylmm.recipes import load_recipe
 
     parsed = [parse_override(o) for o in overrides]
@@ -405,7 +406,7 @@ def resolve(
     if llm is not None:
         layers.set(["model", "llm"], {"name_or_path": str(llm), "tokenizer": str(llm), "config": None}, "cli --llm")
     if vision is not None:
-        if str(layers.data["model"]["vision"].get("name_or_path") or "").startswith("open_clip:"):
+        if is_openclip(VisionSpec(name_or_path=layers.data["model"]["vision"].get("name_or_path"))):
             # the architecture stays open_clip's model config; the weights come from PATH
             layers.set(["model", "vision", "pretrained"], str(vision), "cli --vision")
         else:
@@ -429,6 +430,7 @@ def resolve(
 def validate(cfg: RunConfig) -> None:
     from tinylmm.data.templates import template_names
     from tinylmm.models.connectors import CONNECTORS
+    from tinylmm.models.openclip import is_openclip
 
     templates = template_names()  # phi, llama, pretrain, and auto: the tokenizer's chat template
     if cfg.model.connector.type not in CONNECTORS:
@@ -463,7 +465,7 @@ def validate(cfg: RunConfig) -> None:
     for comp in ("vision", "llm"):
         component_states(cfg, comp)
     vision = cfg.model.vision
-    if (vision.name_or_path or "").startswith("open_clip:"):
+    if is_openclip(vision):
         if vision.config is not None:
             raise ConfigError("model.vision: an open_clip tower takes its architecture from open_clip's model "
                               "configs; give 'name_or_path: open_clip:<model>' or an inline 'config', not both")

@@ -71,12 +71,14 @@ def arch_config(spec: LLMSpec | VisionSpec, what: str) -> dict:
     """The architecture config of a preset part ("llm" or "vision"): the inline `config`,
     else the embedded copy for `name_or_path`, else `name_or_path/config.json` of a local
     directory."""
+    from tinylmm.models.openclip import is_openclip
+
     if spec.config is not None:
         return dict(spec.config)
     name = spec.name_or_path
     if not name:
         raise ConfigError(f"model.{what} needs 'name_or_path' (hub id or directory) or an inline 'config'")
-    if name.startswith("open_clip:"):
+    if what == "vision" and is_openclip(spec):
         raise ConfigError(f"model.{what} '{name}' is an open_clip tower: its architecture is open_clip's model "
                           "config, not a transformers config (build_meta builds it)")
     path = arch_file(name)
