@@ -17,7 +17,7 @@ Sections:
 
 The measurements plan the LM head at the positions the measured batch supervises
 (`logit_positions`); the table plans the default, every text position. The helpers that
-build a stage's model and measure it are tinylmm.train.memory.measure (shared with
+build a stage's model and measure it are tinylmm.memory.measure (shared with
 tests/test_memory.py).
 """
 
@@ -36,8 +36,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tinylmm.config import resolve  # noqa: E402
-from tinylmm.train import memory as mem  # noqa: E402
-from tinylmm.train.memory import measure  # noqa: E402
+from tinylmm import memory as mem  # noqa: E402
+from tinylmm.train import measure  # noqa: E402
 
 MiB = 2**20
 
@@ -176,7 +176,7 @@ def section_storage():
     print("| model | stage | precision | optimizer | part | measured | planned |")
     print("| --- | --- | --- | --- | --- | ---: | ---: |")
     from tinylmm.train.optim import build_optimizer
-    from tinylmm.train.plan import param_groups
+    from tinylmm.trainability import param_groups
 
     cases = [
         ("toy", "pretrain", "fp32", "adamw", []),

@@ -47,11 +47,11 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     args = ap.parse_args()
 
-    from tinylmm import zoo
+    from tinylmm.catalog import zoo
     from tinylmm.config import resolve
-    from tinylmm.recipes import load_recipe
+    from tinylmm.catalog.recipes import load_recipe
     from tinylmm.train import loop
-    from tinylmm.train.memory import arch_config, fmt_bytes, plan_run
+    from tinylmm.memory import arch_config, fmt_bytes, plan_run
 
     preset = zoo.get(args.preset).model_spec()
     share = load_recipe("share").stages["share"]
@@ -72,10 +72,10 @@ def main() -> None:
         original = loop._train_stage
 
         def timed_stage(accel, model, processor, cfg, index, name, dataset, *a, **kw):
-            from tinylmm.train.schedule import plan_steps, step_indices
+            from tinylmm.train.schedule import stage_steps, step_indices
 
             # the set-up is done when the stage starts; note what the one step will train on
-            plan = plan_steps(cfg.stages[name], len(dataset), 1, name)
+            plan = stage_steps(cfg.stages[name], len(dataset), 1, name)
             seed = cfg.train.seed * 1000 + index
             steps["supervised"] = max(dataset.num_supervised(i) for s in (0, 1) for i in step_indices(plan, s, seed))
             steps["setup_peak"] = rss_peak_bytes()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_tokenizers import FAMILIES, family_tokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from tinylmm.processor import ImageProcessor, Processor  # noqa: E402
+from tinylmm.data.processor import ImageProcessor, Processor  # noqa: E402
 
 CONV = [("human", "<image>\nWhat color is the circle in the top left cell?"), ("gpt", "The circle is red."),
         ("human", "How many squares are there?"), ("gpt", "There are two squares.")]

@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 
 import tinylmm
-from tinylmm.generation import chat_reply, generate_batch
+from tinylmm.models.generation import chat_reply, generate_batch
 
 
 def main(checkpoint: str, image_path: str, question: str) -> None:

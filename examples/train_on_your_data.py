@@ -57,7 +57,7 @@ def main(out: Path) -> None:
         ],
     )
     model, processor = tinylmm.load(result.final)
-    from tinylmm.generation import chat_reply
+    from tinylmm.models.generation import chat_reply
 
     image = Image.open(images / "0.png")
     answer = chat_reply(model, processor, [("human", "<image>\nWhat color is the circle?")], [image], max_new_tokens=5)

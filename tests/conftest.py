@@ -51,6 +51,11 @@ def require_openclip():
     return open_clip
 
 
+def is_openclip(spec) -> bool:
+    """Whether a VisionSpec's tower comes from the open_clip backend."""
+    return spec.backend == "open_clip"
+
+
 def openclip_testable() -> bool:
     """Whether open_clip presets can be exercised here (under TINYLMM_REQUIRE_OPENCLIP=1 they
     always are, so a missing open_clip fails instead of shrinking the tests)."""

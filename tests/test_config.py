@@ -3,11 +3,12 @@ import json
 import pytest
 import yaml
 
-from tinylmm import zoo
+from tinylmm.catalog import zoo
 from tinylmm.config import (
-    ConfigError, RunConfig, dump_resolved, load_resolved, parse_override, parse_trainability, resolve, to_dict,
+    ConfigError, RunConfig, dump_resolved, load_resolved, parse_override, resolve, to_dict,
 )
-from tinylmm.recipes import copy_recipe, load_recipe, shipped
+from tinylmm.trainability import parse as parse_trainability
+from tinylmm.catalog.recipes import copy_recipe, load_recipe, shipped
 
 
 def test_every_shipped_recipe_and_preset_parses():
@@ -115,7 +116,7 @@ def test_recipe_file_with_unknown_key(tmp_path):
 
 
 def test_overrides_never_change_the_cached_preset():
-    from tinylmm import zoo
+    from tinylmm.catalog import zoo
 
     before = json.dumps(zoo.get("toy").model, sort_keys=True)
     resolve("toy", "share", ["model.llm.config.hidden_size=64", "model.vision.config.image_size=32"])

@@ -8,8 +8,8 @@ from PIL import Image
 
 from tinylmm.data.llava import DataError, LlavaDataset
 from tinylmm.data.templates import IGNORE_INDEX, get_template
-from tinylmm.models.lmm import build_model
-from tinylmm.processor import ImageProcessor, SampleError
+from tinylmm.models import build_model
+from tinylmm.data.processor import ImageProcessor, SampleError
 from conftest import supervised_runs
 from test_models import spec
 

@@ -11,9 +11,10 @@ from torch import nn
 
 from conftest import TINY, tiny_stages
 from tinylmm.config import ConfigError, resolve
-from tinylmm.models.lmm import build_model, load
+from tinylmm.models import build_model, load
 from tinylmm.train.loop import train
-from tinylmm.train.plan import param_groups, prepare_stage
+from tinylmm.train.stages import prepare_stage
+from tinylmm.trainability import param_groups, rates
 
 bnb = pytest.importorskip("bitsandbytes")
 LORA = ["lora.r=8", "lora.alpha=16"]
@@ -110,14 +111,20 @@ def test_eight_bit_base(tmp_path):
 
 
 def test_tune_switch_and_stage_transitions():
-    cfg, sources = resolve("tinyllava-phi2-siglip-3.1b", "share", ["stages.finetune.lr=1e-4"], tune="qlora")
+    cfg, sources = resolve("tinyllava-phi2-siglip-3.1b", "share", ["stages.finetune.llm_lr=1e-4"], tune="qlora")
     share, fine = cfg.stages["share"], cfg.stages["finetune"]
     assert cfg.stages["pretrain"].tune["llm"] == "frozen" and cfg.stages["pretrain"].lr == 1e-3
     assert share.tune["llm"] == fine.tune["llm"] == "qlora"
-    assert share.lr == 2e-4 and share.connector_lr == share.vision_lr == 2e-5  # TinyLLaVA / LLaVA-1.5 LoRA
-    assert fine.lr == 1e-4 and sources["stages.finetune.lr"] == "override"  # the user's value wins
+    # `lr` keeps its meaning (every component's rate); --tune sets the LLM's own rate
+    assert rates(share) == {"llm": 2e-4, "connector": 2e-5, "vision": 2e-5}  # TinyLLaVA / LLaVA-1.5 LoRA
+    assert share.lr == 2e-5 and sources["stages.share.llm_lr"] == "--tune qlora"
+    assert rates(fine)["llm"] == 1e-4 and sources["stages.finetune.llm_lr"] == "override"  # the user's value wins
     assert sources["stages.share.tune.llm"] == "--tune qlora"
-    assert resolve("toy", "share", ["lora.lr=5e-4"], tune="lora")[0].stages["finetune"].lr == 5e-4
+    assert rates(resolve("toy", "share", ["lora.lr=5e-4"], tune="lora")[0].stages["finetune"])["llm"] == 5e-4
+    # an explicit rate is taken as given, and a rate that is not positive is an error naming its key
+    assert rates(resolve("toy", "share", ["stages.finetune.vision_lr=1e-6"])[0].stages["finetune"])["vision"] == 1e-6
+    with pytest.raises(ConfigError, match="stages.finetune.vision_lr=0.0 must be positive"):
+        resolve("toy", "share", ["stages.finetune.vision_lr=0"])
     with pytest.raises(ConfigError, match="did you mean 'qlora'"):
         resolve("toy", "share", tune="qlra")
     with pytest.raises(ConfigError, match="after a qlora stage"):
@@ -177,9 +184,9 @@ def test_bitsandbytes_optimizers(name):
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qlora")
-    cfg, sources = resolve("toy", "share", TINY + tiny_stages(steps=6) + LORA + ["stages.finetune.lr=3e-3",
-                                                                               "stages.share.lr=3e-3"],
-                           tune="qlora", output_dir=str(tmp / "run"))
+    rates = [f"stages.{stage}.{key}=3e-3" for stage in ("share", "finetune") for key in ("lr", "llm_lr")]
+    cfg, sources = resolve("toy", "share", TINY + tiny_stages(steps=6) + LORA + rates, tune="qlora",
+                           output_dir=str(tmp / "run"))
     result = train(cfg, sources, evaluate=False)
     return tmp / "run", result
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tinylmm.config import ConfigError, LLMSpec, VisionSpec, resolve
-from tinylmm.train import memory as mem
-from tinylmm.train.memory import measure
+from tinylmm import memory as mem
+from tinylmm.train import measure
 
 MiB = 2**20
 
@@ -149,7 +149,7 @@ def test_planned_total_matches_the_peak_of_a_training_step(preset, stage, precis
 
 @pytest.mark.parametrize("stage, precision", [("pretrain", "fp32"), ("finetune", "bf16"), ("share", "bf16")])
 def test_weights_gradients_and_optimizer_states_match_tensor_bytes(stage, precision, tmp_path):
-    from tinylmm.train.plan import param_groups
+    from tinylmm.trainability import param_groups
 
     cfg, _ = resolve("toy", "share", [f"train.precision={precision}"])
     model = measure.stage_model(cfg, stage, tmp_path, precision)
@@ -231,8 +231,8 @@ def test_lora_and_qlora_llm_storage_matches_tensor_bytes(mode, optimizer, tiny_l
 
 
 def test_trainability_mirrors_the_training_plan():
-    from tinylmm.models.lmm import build_model
-    from tinylmm.train.plan import apply_plan
+    from tinylmm.models import build_model
+    from tinylmm.trainability import apply as apply_plan
 
     for overrides, stage in [([], "pretrain"), ([], "share"), (["stages.finetune.tune.llm=partial:-1"], "finetune"),
                              (["stages.share.tune.vision=partial:50%"], "share")]:

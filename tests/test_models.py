@@ -5,7 +5,7 @@ import torch
 
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
 from tinylmm.models.connectors import CONNECTORS, build_connector
-from tinylmm.models.lmm import build_model, load
+from tinylmm.models import build_model, load
 from tinylmm.models.loading import ModelNotFoundError
 from tinylmm.models.vision import build_vision
 
@@ -119,7 +119,8 @@ def test_clip_cls_patch_keeps_cls():
 
 @pytest.mark.parametrize("name", list(CONNECTORS))
 def test_connectors(name):
-    conn = build_connector(ConnectorSpec(type=name, num_queries=5, depth=2, num_heads=4), 32, 64)
+    options = dict(num_queries=5, depth=2, num_heads=4) if name == "resampler" else {}
+    conn = build_connector(ConnectorSpec(type=name, **options), 32, 64)
     out = conn(torch.randn(2, 16, 32))
     assert out.shape == (2, conn.output_len(16), 64)
     assert conn.output_len(16) == (5 if name == "resampler" else 16)
@@ -135,7 +136,8 @@ def test_unknown_connector_suggests():
 def test_forward_backward_generate_save_load(llm, connector, tmp_path):
     from PIL import Image
 
-    model, proc = build_model(spec(llm, connector=connector, num_queries=6, num_heads=4))
+    options = dict(num_queries=6, num_heads=4) if connector == "resampler" else {}
+    model, proc = build_model(spec(llm, connector=connector, **options))
     img = Image.new("RGB", (40, 30), (200, 10, 10))
     turns = [("human", "<image>\nWhat color is the circle?"), ("gpt", "red"), ("human", "And the shape?"), ("gpt", "circle")]
     enc = proc.encode(turns, num_images=1)
@@ -164,7 +166,7 @@ def test_forward_backward_generate_save_load(llm, connector, tmp_path):
 
 
 def test_text_only_sample_and_mixed_batch():
-    from tinylmm.processor import collate
+    from tinylmm.data.processor import collate
 
     model, proc = build_model(spec())
     a = proc.encode([("human", "<image>\nhi"), ("gpt", "red")], num_images=1)
@@ -187,7 +189,7 @@ def test_missing_weights_fail_fast_with_the_name(tmp_path):
 
 def test_streamed_answer_matches_the_returned_one():
     # The prompt ends in "ASSISTANT:" without a space, so the first answer token carries one.
-    from tinylmm.generation import CallbackStreamer
+    from tinylmm.models.generation import CallbackStreamer
 
     _, proc = build_model(spec())
     pieces = []

@@ -18,12 +18,12 @@ open_clip = require_openclip()
 
 import tiny_openclip  # noqa: E402,F401 - registers the tiny towers
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec, resolve  # noqa: E402
-from tinylmm.models.lmm import build_model, load  # noqa: E402
+from tinylmm.models import build_model, load  # noqa: E402
 from tinylmm.models.loading import ModelNotFoundError  # noqa: E402
-from tinylmm.models.openclip import OpenCLIPTower, build_openclip, visual_parameter_count  # noqa: E402
-from tinylmm.processor import ImageProcessor  # noqa: E402
-from tinylmm.train import memory as mem  # noqa: E402
-from tinylmm.train.memory import measure  # noqa: E402
+from tinylmm.models.vision.openclip import OpenCLIPTower, build_openclip, visual_parameter_count  # noqa: E402
+from tinylmm.data.processor import ImageProcessor  # noqa: E402
+from tinylmm import memory as mem  # noqa: E402
+from tinylmm.train import measure  # noqa: E402
 
 MiB = 2**20
 
@@ -195,7 +195,7 @@ def test_forward_backward_generate_save_load(name, select, tmp_path, monkeypatch
 def test_vision_lora_and_partial_training_reach_the_blocks():
     from tinylmm.config import LoraSpec, StageConfig
     from tinylmm.models import adapters
-    from tinylmm.train.plan import apply_plan
+    from tinylmm.trainability import apply as apply_plan
 
     model, proc = build_model(spec("tinylmm-test-clip"))
     adapters.attach_vision_lora(model, LoraSpec(r=4, alpha=8))
@@ -310,7 +310,7 @@ def test_open_clip_presets_plan_offline_and_fit_24gb(preset, monkeypatch, capsys
 def test_zoo_shows_the_preprocessing_of_the_presets_weights_without_reading_them():
     # webli's SigLIP weights want mean/std 0.5 and a squash resize; open_clip's defaults
     # (CLIP's mean, shortest-edge crop) would be reported if the tag were ignored offline
-    from tinylmm import zoo
+    from tinylmm.api import zoo
 
     zoo._stats.cache_clear()
     siglip = zoo.describe("tinyllava-phi2-openclip-siglip-3.1b", plan=False)["image"]

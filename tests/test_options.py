@@ -9,7 +9,7 @@ from conftest import TINY, tiny_stages
 from tinylmm.config import ConfigError, resolve
 from tinylmm.train.loop import train
 from tinylmm.train.runtime import resolve_attention, resolve_precision
-from tinylmm.train.schedule import StepPlan, lr_lambda, micro_batches, step_indices
+from tinylmm.train.schedule import StageSteps, lr_lambda, micro_batches, step_indices
 
 
 def test_schedules():
@@ -22,7 +22,7 @@ def test_schedules():
 
 
 def test_data_order_depends_on_seed_and_epoch_and_shards_by_rank():
-    plan = StepPlan(num_samples=20, global_batch=8, micro_batch=2, world_size=2, steps_per_epoch=2,
+    plan = StageSteps(num_samples=20, global_batch=8, micro_batch=2, world_size=2, steps_per_epoch=2,
                     total_steps=6, warmup_steps=0)
     epoch0 = step_indices(plan, 0, seed=1) + step_indices(plan, 1, seed=1)
     assert len(set(epoch0)) == 16  # no sample twice within an epoch

@@ -3,8 +3,9 @@
 import torch
 
 from tinylmm.config import StageConfig
-from tinylmm.models.lmm import build_model
-from tinylmm.train.plan import apply_plan, param_groups
+from tinylmm.models import build_model
+from tinylmm.trainability import apply as apply_plan
+from tinylmm.trainability import param_groups
 from test_models import spec
 
 

@@ -17,8 +17,8 @@ from tinylmm.data.llava import DataError, LlavaDataset
 from tinylmm.data.templates import (
     IGNORE_INDEX, ChatTemplate, TemplateError, get_template, tokenize_pieces, tokenize_with_labels,
 )
-from tinylmm.generation import CallbackStreamer, chat_reply, generate_batch
-from tinylmm.processor import ImageProcessor, Processor, SampleError
+from tinylmm.models.generation import CallbackStreamer, chat_reply, generate_batch
+from tinylmm.data.processor import ImageProcessor, Processor, SampleError
 
 IMAGES = ImageProcessor(size=8, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 N_IMG = 3  # positions per image
@@ -329,7 +329,7 @@ def test_auto_through_build_train_generate_save_load(tmp_path):
 
     from tiny_tokenizers import model_token_ids
     from tinylmm.config import LLMSpec, ModelSpec, VisionSpec
-    from tinylmm.models.lmm import build_model, load
+    from tinylmm.models import build_model, load
 
     path = family_tokenizer("qwen3")
     cfg = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -217,7 +217,7 @@ def test_drop_first_drops_token_zero_whatever_it_is(family):
 @pytest.mark.parametrize("make", [gpt2_style_tokenizer, llama_style_tokenizer, lambda: llama_style_tokenizer(True)],
                          ids=["gpt2-style", "llama-style", "llama-legacy"])
 def test_prompt_ids_equal_their_tokenizer_image_token(make):
-    from tinylmm.processor import ImageProcessor, Processor
+    from tinylmm.data.processor import ImageProcessor, Processor
 
     theirs = tokenizer_image_token(THEIR_PROMPT, make())
     # their formats render the same prompt and differ in the end token only: `tinyllava` takes the tokenizer's eos

@@ -9,13 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import openclip_testable
-from tinylmm import zoo
+import tinylmm
+from tinylmm.api import zoo as zoo_api
+from tinylmm.catalog import zoo
 from tinylmm.cli.app import app
 from tinylmm.config import ConfigError, resolve
-from tinylmm.models.openclip import is_openclip
-from tinylmm.train import memory as mem
-from tinylmm.train.memory import measure
-from tinylmm.train.memory.arch import TOKENIZER_LEN
+from conftest import is_openclip
+from tinylmm import memory as mem
+from tinylmm.train import measure
+from tinylmm.models.arch import TOKENIZER_LEN
 
 TINYLLAVA = ("tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b", "tinyllava-tinyllama-siglip-1.5b")
 
@@ -27,7 +29,7 @@ def arch(hub_id: str) -> dict:
 @pytest.fixture(scope="module")
 def described():
     """zoo.describe of every preset, memory plan included: built once (meta builds are cached)."""
-    return {name: zoo.describe(name) for name in zoo.names()
+    return {name: zoo_api.describe(name) for name in zoo.names()
             if openclip_testable() or not is_openclip(zoo.get(name).model_spec().vision)}
 
 
@@ -214,8 +216,8 @@ SMALL_TOWER = ("model.vision.config={model_type: siglip_vision_model, hidden_siz
     ("gemma2", "pretrain", "bf16"),  # frozen LLM that gradients flow through, autocast
 ])
 def test_planner_matches_torch_on_qwen3_and_gemma2(family, stage, precision, tmp_path):
-    from tinylmm.models.lmm import build_model
-    from tinylmm.train.plan import prepare_stage
+    from tinylmm.models import build_model
+    from tinylmm.train.stages import prepare_stage
 
     cfg, _ = resolve("toy", "share", [f"model.llm.config={SMALL_LLMS[family]}", SMALL_TOWER,
                                       f"train.precision={precision}"])
@@ -235,37 +237,34 @@ def test_planner_matches_torch_on_qwen3_and_gemma2(family, stage, precision, tmp
 
 
 def test_a_preset_whose_tower_needs_open_clip_is_listed_without_counts_where_it_is_missing(monkeypatch):
-    from tinylmm.models import openclip
+    import sys
 
-    def missing(what):
-        raise openclip.OpenCLIPMissing(f"the vision tower '{what}' needs open_clip_torch and torchvision")
-
-    monkeypatch.setattr(openclip, "_open_clip", missing)
-    zoo._stats.cache_clear()
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
+    zoo_api._stats.cache_clear()
     try:
-        rows = {r["name"]: r for r in zoo.select()}
+        rows = {r["name"]: r for r in zoo_api.select()}
         row = rows["tinyllava-phi2-openclip-siglip-3.1b"]
         assert row["params"] is None and "needs open_clip_torch" in row["unavailable"]
         assert rows["tinyllava-phi2-siglip-3.1b"]["params"] and rows["tinyllava-phi2-siglip-3.1b"]["unavailable"] is None
-        assert "tinyllava-phi2-openclip-siglip-3.1b" not in {r["name"] for r in zoo.select(max_params=10**12)}
+        assert "tinyllava-phi2-openclip-siglip-3.1b" not in {r["name"] for r in zoo_api.select(max_params=10**12)}
         out = CliRunner().invoke(app, ["zoo", "ls"], env={"COLUMNS": "200"})
         assert out.exit_code == 0 and "needs open_clip_torch" in out.output
     finally:
-        zoo._stats.cache_clear()
+        zoo_api._stats.cache_clear()
 
 
 def test_filters_select_the_rows():
-    everything = zoo.select()
+    everything = zoo_api.select()
     assert len(everything) == len(zoo.names())
-    assert {r["family"] for r in zoo.select(family="qwen3")} == {"qwen3"}
-    assert {r["vision_family"] for r in zoo.select(vision="siglip2")} == {"siglip2"}
-    small = zoo.select(max_params=zoo.parse_count("2B"))
+    assert {r["family"] for r in zoo_api.select(family="qwen3")} == {"qwen3"}
+    assert {r["vision_family"] for r in zoo_api.select(vision="siglip2")} == {"siglip2"}
+    small = zoo_api.select(max_params=zoo.parse_count("2B"))
     assert small and all(r["params"] <= 2e9 for r in small) and len(small) < len(everything)
-    assert all(r["commercial"] and not r["gated"] for r in zoo.select(commercial=True, gated=False))
-    assert {r["template"] for r in zoo.select(template="auto")} == {"auto"}
+    assert all(r["commercial"] and not r["gated"] for r in zoo_api.select(commercial=True, gated=False))
+    assert {r["template"] for r in zoo_api.select(template="auto")} == {"auto"}
     assert zoo.parse_count("800M") == 800_000_000 and zoo.parse_count("1.5b") == 1_500_000_000
     with pytest.raises(ConfigError, match="did you mean 'qwen3'"):
-        zoo.select(family="qwen")
+        zoo_api.select(family="qwen")
     with pytest.raises(ConfigError, match="not a parameter count"):
         zoo.parse_count("lots")
 
@@ -301,7 +300,7 @@ def test_register_adds_presets_that_train_and_plan_like_shipped_ones(user_zoo):
     assert "mine-tiny" in zoo.names() and "toy" in zoo.names()
     cfg, sources = resolve("mine-tiny", "share")
     assert cfg.model.connector.type == "linear" and sources["model.connector.type"] == "preset:mine-tiny"
-    assert zoo.stats("mine-qwen").num_image_tokens == 576
+    assert zoo_api.stats("mine-qwen").num_image_tokens == 576
     with pytest.raises(ConfigError, match="did you mean 'mine-tiny'"):
         zoo.get("mine-tin")
     assert zoo.register(user_zoo) == ["mine-tiny", "mine-qwen"]  # again: replaces its own
@@ -359,12 +358,12 @@ def test_two_files_cannot_claim_one_name(user_zoo, tmp_path):
 
 
 def test_build_gives_model_and_processor_with_overrides():
-    model, processor = zoo.build("toy", ["connector.type=linear", "model.vision.feature_layer=-1"])
+    model, processor = tinylmm.build("toy", ["connector.type=linear", "model.vision.feature_layer=-1"])
     assert type(model.connector).__name__.lower().startswith("linear")
     assert len(model.vision.layers) == 4  # feature layer -1 keeps every layer of the toy's tower
     assert processor.num_image_tokens == model.num_image_tokens == 4
     with pytest.raises(ConfigError, match="did you mean 'toy'"):
-        zoo.build("tyo")
+        tinylmm.build("tyo")
 
 
 def test_template_auto_is_accepted():

@@ -5,12 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tinylmm import zoo
-from tinylmm.generation import chat_reply
+from tinylmm.catalog import zoo
+from tinylmm.models.generation import chat_reply
 from tinylmm.models.llm import supports_attention
-from tinylmm.models.lmm import build_model
-from tinylmm.models.openclip import build_openclip, is_openclip
-from tinylmm.train.memory.arch import arch_config
+from tinylmm.models import build_model
+from conftest import is_openclip
+from tinylmm.models.vision.openclip import build_openclip
+from tinylmm.models.arch import arch_config
 
 from conftest import require_openclip
 from tiny_presets import tiny_spec

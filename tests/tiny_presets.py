@@ -7,8 +7,8 @@ import copy
 import dataclasses
 
 from tinylmm.config import ModelSpec
-from tinylmm.models.openclip import is_openclip
-from tinylmm.train.memory.arch import arch_config
+from conftest import is_openclip
+from tinylmm.models.arch import arch_config
 
 # Widths only: every other key of the real config (rope, biases, norms, soft-capping, tied
 # head, partial rotary, sliding windows, ...) is kept, so the real classes take the same paths.

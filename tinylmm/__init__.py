@@ -2,24 +2,25 @@
 
     import tinylmm
     model, processor = tinylmm.load("runs/x/final")
+    model, processor = tinylmm.build("toy", ["connector.type=linear"])
 
-The heavy ML stack is imported on first use, so `import tinylmm` (and the CLI) stay fast.
+The library calls behind every command are in tinylmm.api. The heavy ML stack is imported
+on first use, so `import tinylmm` (and the CLI) stay fast.
 """
 
 __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """A trained checkpoint directory -> (model, processor). See `tinylmm.models.lmm.load`."""
-    from tinylmm.models.lmm import load as _load
+    """A checkpoint directory -> (model, processor). See `tinylmm.api.load`."""
+    from tinylmm.api import load as _load
 
     return _load(path, **kwargs)
 
 
 def build(preset: str = "toy", overrides=(), **kwargs):
-    """A fresh (untrained) model + processor from a preset, with `key=value` overrides."""
-    from tinylmm.config import resolve
-    from tinylmm.models.lmm import build_model
+    """A fresh (untrained) model + processor of a preset, with `key=value` model overrides.
+    See `tinylmm.api.build`."""
+    from tinylmm.api import build as _build
 
-    cfg, _ = resolve(preset, "base", overrides)
-    return build_model(cfg.model, **kwargs)
+    return _build(preset, overrides, **kwargs)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, merge, plan, registry, train, zoo
+from tinylmm.cli import chat, convert, evaluate, listing, merge, plan, train, zoo
 
 app = typer.Typer(
     name="tinylmm",
@@ -21,8 +21,8 @@ app.command("chat")(chat.chat)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
-app.command("ls")(registry.ls)
-app.command("cp")(registry.cp)
+app.command("ls")(listing.ls)
+app.command("cp")(listing.cp)
 app.command("plan")(plan.plan)
 app.add_typer(zoo.app, name="zoo")
 

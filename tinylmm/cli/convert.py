@@ -22,9 +22,9 @@ def convert(
     `eval` and `tinylmm.load` read."""
     from rich.console import Console
 
-    from tinylmm.convert.tinyllava import convert as convert_tinyllava
+    from tinylmm.api import convert_checkpoint
 
-    path, notes = convert_tinyllava(src, out, tokenizer=tokenizer, template=template)
+    path, notes = convert_checkpoint(src, out, source=source.value, tokenizer=tokenizer, template=template)
     console = Console()
     for note in notes:
         console.print(f"  {note}", highlight=False)

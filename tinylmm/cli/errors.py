@@ -6,7 +6,7 @@ from rich.console import Console
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from tinylmm.config import ConfigError
+    from tinylmm.errors import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError]
     try:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from tinylmm.cli.zoo import ZOO_HELP, register
+from tinylmm.cli.zoo import ZOO_HELP
 
 
 def plan(
@@ -31,14 +31,12 @@ def plan(
 
     from rich.console import Console
 
-    from tinylmm.config import resolve
-    from tinylmm.train.memory import fmt_bytes, parse_size, plan_run
+    from tinylmm import api
+    from tinylmm.memory import fmt_bytes
 
-    budget_bytes = parse_size(budget)
-    register(zoo_file)
-    cfg, _ = resolve(preset=preset, recipe=recipe, overrides=overrides or [], tune=tune, llm=llm, vision=vision)
-    result = plan_run(cfg, seq_len=seq_len, micro_batch=micro_batch, budget_bytes=budget_bytes, device=device,
-                      logit_positions=logit_positions)
+    api.register_zoo(zoo_file)
+    result = api.plan(preset, recipe, overrides or [], tune=tune, llm=llm, vision=vision, seq_len=seq_len,
+                      micro_batch=micro_batch, logit_positions=logit_positions, budget=budget, device=device)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from tinylmm.cli.zoo import ZOO_HELP, register
+from tinylmm.cli.zoo import ZOO_HELP
 
 
 def train(
@@ -24,11 +24,11 @@ def train(
     """Train a model through every stage of a recipe (default: toy preset, shapes data, share recipe)."""
     from rich.console import Console
 
-    from tinylmm.api import train_run
+    from tinylmm import api
 
-    register(zoo_file)
+    api.register_zoo(zoo_file)
     console = Console(stderr=True)
-    result = train_run(preset=preset, recipe=recipe, overrides=overrides or [], output_dir=output_dir,
+    result = api.train_run(preset=preset, recipe=recipe, overrides=overrides or [], output_dir=output_dir,
                        config=config, resume=resume, evaluate=not no_eval, console=console, tune=tune,
                        llm=llm, vision=vision)
     if not result.is_main:

@@ -12,14 +12,6 @@ app = typer.Typer(help="The model zoo: list the presets, show one in full.", no_
 ZOO_HELP = "a YAML file of your own presets (model_zoo.yaml's schema), added to the shipped ones"
 
 
-def register(zoo_file: Optional[Path]) -> None:
-    """The --zoo option of train, plan, zoo ls and zoo show."""
-    if zoo_file is not None:
-        from tinylmm import zoo
-
-        zoo.register(zoo_file)
-
-
 def _billions(n: int | None) -> str:
     if n is None:
         return "-"
@@ -49,12 +41,13 @@ def ls(
     from rich.console import Console
     from rich.table import Table
 
-    from tinylmm import zoo
+    from tinylmm import api
+    from tinylmm.catalog.zoo import parse_count
 
-    register(zoo_file)
-    rows = zoo.select(family=family, vision=vision, template=template,
-                      max_params=zoo.parse_count(max_params) if max_params else None,
-                      commercial=True if commercial else None, gated=False if ungated else None)
+    api.register_zoo(zoo_file)
+    rows = api.zoo_select(family=family, vision=vision, template=template,
+                          max_params=parse_count(max_params) if max_params else None,
+                          commercial=True if commercial else None, gated=False if ungated else None)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -91,11 +84,11 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
-    from tinylmm import zoo
-    from tinylmm.train.memory import fmt_bytes, parse_size
+    from tinylmm import api
+    from tinylmm.memory import fmt_bytes, parse_size
 
-    register(zoo_file)
-    d = zoo.describe(name, parse_size(budget))
+    api.register_zoo(zoo_file)
+    d = api.zoo_describe(name, parse_size(budget))
     if json_out:
         typer.echo(json.dumps(d, indent=2))
         return

@@ -33,8 +33,17 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
+from tinylmm.data.processor import ImageProcessor, Processor, ensure_image_token
+from tinylmm.data.templates import TEMPLATES
+from tinylmm.errors import ConfigError
+from tinylmm.files import write_atomically
+from tinylmm.models.assemble import assemble
+from tinylmm.models.loading import from_pretrained_or_fail, quiet_libraries
+from tinylmm.models.vision.hf import CLASSES, FAMILY_MEAN_STD, VisionTower
+from tinylmm.schema import ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
 
 # TinyLlavaConfig's own keys (tinyllava/model/configuration_tinyllava.py) and the keys any
 # saved transformers config may carry. Keys outside both are refused: we would not know
@@ -90,8 +99,6 @@ def read_config(src: Path) -> dict:
         found = cfg.get("model_type") if isinstance(cfg, dict) else None
         raise NotTinyLLaVAError(f"'{src}' is not a TinyLLaVA_Factory checkpoint: {config} has model_type "
                                 f"{found!r}, expected 'tinyllava'")
-    from transformers import PretrainedConfig
-
     unknown = sorted(set(cfg) - CONFIG_KEYS - set(PretrainedConfig().to_dict()))
     if unknown:
         raise ConfigError(f"{config}: unknown key(s) {', '.join(unknown)}: not keys of TinyLLaVA_Factory's "
@@ -118,8 +125,6 @@ def text_config(cfg: dict):
     """The LLM's transformers config. Their saved text_config leaves out keys equal to the
     class defaults, and they rebuild it with `from_dict` on the LLM's config class: the
     class's defaults fill the gaps, as they do here."""
-    from transformers import AutoConfig
-
     sub = _sub_config(cfg, "text_config")
     model_type = sub.pop("model_type", None)
     try:
@@ -130,27 +135,20 @@ def text_config(cfg: dict):
 
 
 def vision_model(cfg: dict, dtype, attn_implementation: str):
-    from tinylmm.models.vision import _vision_classes
-
     sub = _sub_config(cfg, "vision_config")
     model_type = sub.pop("model_type", None)
     if model_type not in VISION_TYPES:
         raise ConfigError(f"config.json: vision_config.model_type={model_type!r} is not supported by the "
                           f"import (supported: {', '.join(VISION_TYPES)})")
-    config_cls, model_cls = _vision_classes()[model_type]
+    config_cls, model_cls = CLASSES[model_type]
     config = config_cls(**sub)
     config._attn_implementation = attn_implementation
     return model_cls(config).to(dtype)
 
 
 def pick_template(tokenizer, override: str | None = None) -> str:
-    from tinylmm.data.templates import TEMPLATES
-
     if override is not None:
-        if override not in TEMPLATES:
-            from tinylmm.config import unknown
-
-            raise unknown("template", override, TEMPLATES)
+        TEMPLATES.get(override, "--template")
         return override
     if tokenizer.eos_token is None:
         raise ConfigError("the tokenizer has no eos token, which picks the conversation format; "
@@ -163,8 +161,6 @@ def pick_template(tokenizer, override: str | None = None) -> str:
 
 def read_weights(src: Path) -> dict[str, torch.Tensor]:
     """Their weights, whichever way transformers saved them (one file or shards)."""
-    from safetensors.torch import load_file
-
     src = Path(src)
     for index, single, load in (
         ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
@@ -254,14 +250,6 @@ def build(src, *, tokenizer: str | Path | None = None, template: str | None = No
     """A TinyLLaVA_Factory directory -> (TinyLMM, Processor, notes). `dtype` default: the
     dtype their weights are stored in. `tokenizer`: where the tokenizer is (default: `src`).
     `notes` are human-readable remarks on choices the import made."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tinylmm.models.connectors import build_connector
-    from tinylmm.models.lmm import TinyLMM
-    from tinylmm.models.loading import from_pretrained_or_fail, quiet_libraries
-    from tinylmm.models.vision import FAMILY_MEAN_STD, VisionTower
-    from tinylmm.processor import ImageProcessor, Processor, ensure_image_token
-
     quiet_libraries()
     src = Path(src)
     cfg = read_config(src)
@@ -308,12 +296,10 @@ def build(src, *, tokenizer: str | Path | None = None, template: str | None = No
                           f"{vmodel.config.num_hidden_layers} layers") from None
     _load_vision(tower, parts["vision"], src)
 
-    connector = build_connector(ConnectorSpec(type=connector_type), tower.hidden_size, llm.config.hidden_size)
-    _load_connector(connector.to(dtype), parts["connector"], CONNECTORS[connector_type], src)
-
     spec = ModelSpec(llm=LLMSpec(name_or_path=cfg.get("llm_model_name_or_path") or None), vision=vspec,
                      connector=ConnectorSpec(type=connector_type), template=template)
-    model = TinyLMM(tower, connector, llm, tok.convert_tokens_to_ids("<image>"), spec).eval()
+    model = assemble(spec, tokenizer=tok, llm=llm, tower=tower).eval()
+    _load_connector(model.connector.to(dtype), parts["connector"], CONNECTORS[connector_type], src)
     image_processor = ImageProcessor(size=tower.image_size, image_mean=mean, image_std=std,
                                      pad_to_square=vspec.pad_to_square,
                                      resize="shortest_floor" if family == "clip_vision_model" and not vspec.pad_to_square else "squash")
@@ -339,8 +325,6 @@ def _image_mean_std(src: Path, family: str, default, notes: list) -> tuple[list,
 def convert(src, out, *, tokenizer=None, template: str | None = None) -> tuple[Path, list[str]]:
     """Write the TinyLLaVA_Factory checkpoint `src` as a tinylmm checkpoint at `out` (which
     must not exist). Returns (out, notes)."""
-    from tinylmm.train.checkpoint import write_atomically
-
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"'{out}' already exists; not overwriting it")

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tinylmm.data.templates import ChatTemplate, Template, tokenizer_name
-from tinylmm.processor import Encoded, Processor, SampleError, collate
+from tinylmm.data.processor import Encoded, Processor, SampleError, collate
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 

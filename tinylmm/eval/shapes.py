@@ -8,10 +8,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from tinylmm.generation import generate_batch
+from tinylmm.data.shapes import write_shapes_dataset
+from tinylmm.eval.base import BENCHMARKS
+from tinylmm.models.generation import generate_batch
+from tinylmm.schema import ShapesConfig
 
 
 def normalize(text: str) -> str:
@@ -59,3 +61,24 @@ def evaluate_shapes(model, processor, shapes_root: Path, cfg=None, *, out: Path 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**summary, "predictions": records}, indent=2))
     return summary
+
+
+def shapes_data_for(model_dir: Path, processor) -> Path:
+    """The run's own shapes data if the checkpoint sits in a run directory, else a fresh set
+    at the tower's input size (the defaults of ShapesConfig), made once in ~/.cache/tinylmm."""
+    for parent in Path(model_dir).resolve().parents:
+        candidate = parent / "data" / "shapes"
+        if (candidate / "eval.json").exists():
+            return candidate
+    s, size = ShapesConfig(), processor.image_processor.size
+    root = Path.home() / ".cache" / "tinylmm" / f"shapes-{size}"
+    return write_shapes_dataset(root, seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct,
+                                n_eval=s.n_eval, image_size=size)["images"]
+
+
+@BENCHMARKS.register("shapes")
+class ShapesBenchmark:
+    """The built-in shapes world's held-out questions (colour, count, existence, position, shape)."""
+
+    evaluate = staticmethod(evaluate_shapes)
+    data_for = staticmethod(shapes_data_for)

@@ -20,8 +20,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from tinylmm.config import ConfigError, LoraSpec, QuantSpec
+from tinylmm.errors import ConfigError, did_you_mean
+from tinylmm.files import write_atomically
+from tinylmm.models.llm import attention_for
+from tinylmm.schema import LoraSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: 
         return sorted(available)
     for t in targets:
         if t not in available:
-            from tinylmm.config import did_you_mean
-
             raise ConfigError(f"lora.targets: '{t}' matches no linear layer of the {where}"
                               f"{did_you_mean(t, available)}; its linear layers are: {', '.join(sorted(available))}")
     return list(targets)
@@ -90,8 +92,6 @@ def check_modules_to_save(llm: nn.Module, names: list[str]) -> list[str]:
     modules = [n for n, _ in llm.named_modules()]
     for name in names:
         if not any(n == name or n.endswith("." + name) for n in modules):
-            from tinylmm.config import did_you_mean
-
             raise ConfigError(f"lora.modules_to_save: '{name}' is no module of the llm"
                               f"{did_you_mean(name, modules)}")
     return names
@@ -110,8 +110,6 @@ def is_quantized(llm: nn.Module) -> bool:
 
 
 def bnb_config(quant: QuantSpec):
-    from transformers import BitsAndBytesConfig
-
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
@@ -121,8 +119,6 @@ def bnb_config(quant: QuantSpec):
 
 def save_base(llm: nn.Module, base_dir: Path) -> None:
     """The LLM's full-precision weights as a transformers directory: what adapters sit on."""
-    from tinylmm.train.checkpoint import write_atomically
-
     if not (base_dir / "config.json").exists():
         write_atomically(base_dir, lambda d: llm.save_pretrained(d))
 
@@ -130,10 +126,6 @@ def save_base(llm: nn.Module, base_dir: Path) -> None:
 def load_llm(directory: Path, *, quant: QuantSpec | None, device=None, attn_implementation: str = "sdpa",
              dtype=None) -> nn.Module:
     """A causal LM from a directory, in full precision or quantized by bitsandbytes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tinylmm.models.llm import attention_for
-
     config = AutoConfig.from_pretrained(str(directory))
     kwargs = {"attn_implementation": attention_for(config, attn_implementation)}
     if quant is not None:
@@ -247,3 +239,16 @@ def dequantized_base(llm: nn.Module, base_dir: Path) -> nn.Module:
             target = targets[name.replace(".base_layer", "")]  # peft wraps each adapted layer
             target.weight.data.copy_(w.to(target.weight.device, target.weight.dtype))
     return plain
+
+
+def merged_llm(model, adapter_dir: Path, *, full_precision_base: bool = False) -> nn.Module:
+    """The model's LLM with the adapters of `adapter_dir` folded into its base: after QLoRA
+    the dequantized 4-bit base they were trained against (so the merged model answers as the
+    trained one did), or with `full_precision_base` the original one."""
+    from peft import PeftModel
+
+    if is_quantized(model.llm) and not full_precision_base:
+        base = dequantized_base(model.llm, model.llm_base)
+    else:
+        base = load_llm(model.llm_base, quant=None)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tinylmm.config import ConfigError, LLMSpec
+from tinylmm.errors import ConfigError
 from tinylmm.models.loading import from_pretrained_or_fail
 from tinylmm.resources import asset
+from tinylmm.schema import LLMSpec
+
+# keys of a saved config.json that are no architecture setting
+NOT_CONFIG = ("architectures", "transformers_version", "_name_or_path", "auto_map")
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +22,6 @@ log = logging.getLogger(__name__)
 def supports_attention(config, implementation: str) -> bool:
     """Whether the causal LM class of `config` has this attention path (Gemma-2 has no sdpa:
     sdpa cannot soft-cap attention scores)."""
-    from transformers import AutoModelForCausalLM
-
     model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(implementation)
     return model_cls is None or flag is None or bool(getattr(model_cls, flag, False))
@@ -31,19 +35,29 @@ def attention_for(config, requested: str) -> str:
     return "eager"
 
 
-def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def config_from_dict(data: dict):
+    """A transformers config from an architecture mapping (an inline `model.llm.config`, an
+    embedded or local config.json)."""
+    data = {k: v for k, v in data.items() if k not in NOT_CONFIG}
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model.llm.config needs a 'model_type' (llama, stablelm, phi, qwen2 ...)")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as e:
+        raise ConfigError(f"model.llm.config: {e}") from None
 
+
+def from_config(cfg, *, dtype=None, attn_implementation: str = "sdpa", device=None) -> nn.Module:
+    """A causal LM of `cfg`, randomly initialised (on `device`: `meta` builds shapes only)."""
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                attn_implementation=attention_for(cfg, attn_implementation))
+
+
+def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -> nn.Module:
     if spec.config is not None:
-        config = dict(spec.config)
-        model_type = config.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("model.llm.config needs a 'model_type' (llama, stablelm, phi, qwen2 ...)")
-        try:
-            cfg = AutoConfig.for_model(model_type, **config)
-        except ValueError as e:
-            raise ConfigError(f"model.llm.config: {e}") from None
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention_for(cfg, attn_implementation))
+        return from_config(config_from_dict(spec.config), dtype=dtype, attn_implementation=attn_implementation)
     if spec.name_or_path:
         cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model")
         return from_pretrained_or_fail(
@@ -54,8 +68,6 @@ def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -
 
 
 def build_tokenizer(spec: LLMSpec):
-    from transformers import AutoTokenizer
-
     source = spec.tokenizer or spec.name_or_path
     if source is None:
         raise ConfigError("model.llm.tokenizer is required when the LLM is built from an inline config")

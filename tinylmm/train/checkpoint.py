@@ -1,4 +1,4 @@
-"""Checkpoint folders: written to a temporary name and renamed when complete, so a run
+"""A run's checkpoint folders, each written with tinylmm.files.write_atomically, so a run
 killed mid-write never leaves a checkpoint that looks whole.
 
     runs/<run>/<stage>/step-000040/   model + processor (loadable) + trainer_state.pt
@@ -8,7 +8,6 @@ killed mid-write never leaves a checkpoint that looks whole.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -17,22 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinylmm.files import write_atomically  # noqa: F401 - the loop writes checkpoints through it
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def step_dir(stage_dir: Path, step: int) -> Path:
     return stage_dir / f"step-{step:06d}"
-
-
-def write_atomically(dest: Path, write) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
 
 
 def rng_state() -> dict:

@@ -17,16 +17,24 @@ from pathlib import Path
 
 import torch
 
-from tinylmm.config import RunConfig, dump_resolved, load_resolved, parse_trainability
+from tinylmm import trainability
+from tinylmm.config import dump_resolved, load_resolved
 from tinylmm.data.llava import LlavaDataset, SkipReport
+from tinylmm.data.shapes import write_shapes_dataset
+from tinylmm.errors import ConfigError
+from tinylmm.eval import BENCHMARKS
+from tinylmm.files import write_atomically
+from tinylmm.memory import fmt_bytes, plan_run
+from tinylmm.models import build_model
+from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
-from tinylmm.models.lmm import build_model, restore_parts
+from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train.optim import build_optimizer
-from tinylmm.train.plan import check_partial_layers, param_groups, prepare_stage
 from tinylmm.train.progress import Reporter
-from tinylmm.train.runtime import has_accelerator, resolve_attention, resolve_precision
-from tinylmm.train.schedule import StageSampler, lr_lambda, plan_steps, step_indices
+from tinylmm.train.runtime import enable_checkpointing, has_accelerator, resolve_attention, resolve_precision
+from tinylmm.train.schedule import StageSampler, lr_lambda, stage_steps, step_indices
+from tinylmm.train.stages import prepare_stage
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +57,6 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> L
     stage = cfg.stages[name]
     template = processor.get_template(stage.template or cfg.model.template)  # checked against the tokenizer
     if stage.data.shapes is not None:
-        from tinylmm.data.shapes import write_shapes_dataset
-
         s = cfg.shapes
         with accel.main_process_first():
             paths = write_shapes_dataset(
@@ -99,12 +105,11 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # A part no stage trains in full is only ever a frozen base: load it in the half dtype
     # right away (half the memory, and half the llm-base/ a qlora stage writes).
-    only_frozen = {c: all(parse_trainability(st.tune[c]).mode in ("frozen", "lora", "qlora")
-                          for st in cfg.stages.values()) for c in ("llm", "vision")}
+    only_frozen = {c: trainability.only_frozen(cfg, c) for c in ("llm", "vision")}
     model, processor = build_model(cfg.model, attn_implementation=attn,
                                    llm_dtype=half if only_frozen["llm"] else None,
                                    vision_dtype=half if only_frozen["vision"] else None)
-    check_partial_layers(model, cfg)
+    trainability.check_partial_layers(model, cfg)
     runs = model.llm.config._attn_implementation
     if runs != attn:
         report.warn(f"the LLM ({type(model.llm).__name__}) has no {attn} attention: it runs {runs} attention")
@@ -129,7 +134,7 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
             summary, notes = prepare_stage(model, cfg, name, run_dir, device=accel.device,
                                            attn_implementation=attn, half_dtype=half)
         if cfg.train.gradient_checkpointing:
-            _enable_checkpointing(model)
+            enable_checkpointing(model)
         for line in notes:
             report.note(f"stage {name}: {line}")
         if resume_dir is not None and (final_dir / "tinylmm.json").exists():
@@ -149,7 +154,7 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
             accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report, summary
         )
         if accel.is_main_process:
-            ckpt.write_atomically(final_dir, lambda d: model.save(d, processor))
+            write_atomically(final_dir, lambda d: model.save(d, processor))
         accel.wait_for_everyone()
 
     if accel.is_main_process:
@@ -157,14 +162,15 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
         for d in loaded.values():
             if d.report.skipped:
                 report.note(d.report.summary() + "; first: " + "; ".join(f"{i} ({r})" for i, r in d.report.skipped[:3]))
-        if evaluate and "shapes" in cfg.eval.bench:
-            from tinylmm.eval.shapes import evaluate_shapes
-
+        if evaluate and cfg.eval.bench:
             model.eval()
-            result.eval = evaluate_shapes(
-                model, processor, run_dir / "data" / "shapes", cfg, out=run_dir / "eval" / "shapes.json"
-            )
-            report.eval_table(result.eval)
+            for bench in cfg.eval.bench:  # the first one's summary is the run's result
+                summary = BENCHMARKS.get(bench, "eval.bench").evaluate(
+                    model, processor, BENCHMARKS.get(bench).data_for(run_dir / "final", processor),
+                    out=run_dir / "eval" / f"{bench}.json", batch_size=cfg.eval.batch_size,
+                    max_new_tokens=cfg.eval.max_new_tokens)
+                report.eval_table(summary)
+                result.eval = result.eval or summary
     accel.wait_for_everyone()
     accel.end_training()
     report.close()
@@ -181,9 +187,6 @@ def device_memory(device: torch.device) -> int:
 def _warn_if_a_stage_will_not_fit(cfg: RunConfig, device: torch.device, report) -> None:
     """The memory planner, before anything is trained: a stage that will not fit is
     announced with what to change, instead of failing hours in with an out-of-memory."""
-    from tinylmm.config import ConfigError
-    from tinylmm.train.memory import fmt_bytes, plan_run
-
     kind = "cuda" if device.type == "cuda" else "cpu"
     budget = device_memory(device)
     try:
@@ -208,27 +211,13 @@ def _forget_previous_accelerator() -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _enable_checkpointing(model) -> None:
-    for part in (model.llm, model.vision.model):
-        if hasattr(part, "set_grad_checkpointing"):  # an open_clip tower: its switch (non-reentrant)
-            part.set_grad_checkpointing(True)
-            continue
-        if getattr(part, "is_activation_checkpointing", None) or (
-                not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)):
-            continue
-        if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report, summary):
     stage = cfg.stages[name]
     where = f"stages.{name}"
-    plan = plan_steps(stage, len(dataset), accel.num_processes, where)
+    plan = stage_steps(stage, len(dataset), accel.num_processes, where)
     report.note(f"stage {index + 1}/{len(cfg.stages)} '{name}': {plan.total_steps} steps of {plan.global_batch} "
                 f"({plan.accumulation} x {plan.micro_batch} x {plan.world_size} proc); trainable: {summary.describe()}")
-    groups = param_groups(model, stage)
+    groups = trainability.param_groups(model, stage)
     if not groups:
         raise ValueError(f"{where}: nothing to train (every component is frozen)")
     optimizer, optimizer_note = build_optimizer(groups, cfg.train.optimizer, accel.device)
@@ -297,5 +286,5 @@ def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
             model.save(d, processor)
             torch.save(state, d / "trainer_state.pt")
 
-        ckpt.write_atomically(ckpt.step_dir(stage_dir, step), write)
+        write_atomically(ckpt.step_dir(stage_dir, step), write)
     accel.wait_for_everyone()

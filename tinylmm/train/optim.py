@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tinylmm.config import ConfigError
+from tinylmm.errors import ConfigError
 
 BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 

@@ -53,3 +53,18 @@ def resolve_attention(requested: str, device: torch.device) -> tuple[str, str]:
             return "sdpa", f"sdpa (flash_attention_2 requested, but {why}: fallback)"
         return "sdpa", f"sdpa ({why} for flash_attention_2)"
     return requested, requested
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of the LLM's and the tower's layers."""
+    for part in (model.llm, model.vision.model):
+        if hasattr(part, "set_grad_checkpointing"):  # an open_clip tower: its switch (non-reentrant)
+            part.set_grad_checkpointing(True)
+            continue
+        if getattr(part, "is_activation_checkpointing", None) or (
+                not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)):
+            continue
+        if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

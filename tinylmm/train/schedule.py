@@ -1,4 +1,4 @@
-"""Step arithmetic, the data order, and the learning-rate schedule of one stage."""
+"""Step arithmetic (`stage_steps`), the data order, and the learning-rate schedule of one stage."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
-from tinylmm.config import ConfigError, StageConfig
+from tinylmm.errors import ConfigError
+from tinylmm.schema import StageConfig
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class StageSteps:
     num_samples: int
     global_batch: int
     micro_batch: int
@@ -26,7 +27,7 @@ class StepPlan:
         return self.global_batch // (self.micro_batch * self.world_size)
 
 
-def plan_steps(stage: StageConfig, num_samples: int, world_size: int, where: str) -> StepPlan:
+def stage_steps(stage: StageConfig, num_samples: int, world_size: int, where: str) -> StageSteps:
     per_step = stage.micro_batch_size * world_size
     if stage.batch_size % per_step:
         raise ConfigError(
@@ -40,10 +41,10 @@ def plan_steps(stage: StageConfig, num_samples: int, world_size: int, where: str
     if stage.max_steps is not None:
         total = min(total, stage.max_steps)
     warmup = math.ceil(stage.warmup_ratio * total)
-    return StepPlan(num_samples, stage.batch_size, stage.micro_batch_size, world_size, steps_per_epoch, total, warmup)
+    return StageSteps(num_samples, stage.batch_size, stage.micro_batch_size, world_size, steps_per_epoch, total, warmup)
 
 
-def step_indices(plan: StepPlan, step: int, seed: int) -> list[int]:
+def step_indices(plan: StageSteps, step: int, seed: int) -> list[int]:
     """The samples of optimizer step `step` (all processes): a fresh permutation per epoch."""
     epoch, pos = divmod(step, plan.steps_per_epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -51,7 +52,7 @@ def step_indices(plan: StepPlan, step: int, seed: int) -> list[int]:
     return perm[pos * plan.global_batch : (pos + 1) * plan.global_batch].tolist()
 
 
-def micro_batches(plan: StepPlan, indices: list[int], rank: int) -> list[list[int]]:
+def micro_batches(plan: StageSteps, indices: list[int], rank: int) -> list[list[int]]:
     """This process's micro-batches of one step, in accumulation order."""
     chunk = plan.micro_batch * plan.world_size
     out = []
@@ -65,7 +66,7 @@ class StageSampler(Sampler):
     """Yields this process's micro-batches from `start_step` on (so a resumed run sees the
     same data in the same order), for a DataLoader's `batch_sampler`."""
 
-    def __init__(self, plan: StepPlan, seed: int, rank: int, start_step: int = 0):
+    def __init__(self, plan: StageSteps, seed: int, rank: int, start_step: int = 0):
         self.plan, self.seed, self.rank, self.start_step = plan, seed, rank, start_step
 
     def __iter__(self):

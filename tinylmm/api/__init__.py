@@ -1,0 +1,27 @@
+"""The library calls behind the CLI commands, one per command (commands.py), and the zoo's
+listing and detail (zoo.py). `tinylmm.load` and `tinylmm.build` are `load` and `build` here."""
+
+from tinylmm.api import zoo
+from tinylmm.api.commands import (
+    LISTINGS,
+    ChatSession,
+    build,
+    convert_checkpoint,
+    copy_recipe,
+    evaluate_checkpoint,
+    listing,
+    load,
+    merge_checkpoint,
+    plan,
+    register_zoo,
+    resolve_config,
+    train_run,
+)
+
+zoo_select = zoo.select
+zoo_describe = zoo.describe
+
+__all__ = [
+    "LISTINGS", "ChatSession", "build", "convert_checkpoint", "copy_recipe", "evaluate_checkpoint", "listing", "load",
+    "merge_checkpoint", "plan", "register_zoo", "resolve_config", "train_run", "zoo", "zoo_describe", "zoo_select",
+]

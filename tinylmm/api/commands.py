@@ -1,0 +1,217 @@
+"""One function per command: everything the CLI does, Python can do (the CLI only parses
+and prints). Each function imports the part of the house it needs when called, so that
+`tinylmm --help`, `tinylmm ls` and `tinylmm zoo ls` start without the ML stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinylmm.catalog import recipes, zoo
+from tinylmm.errors import ConfigError, unknown
+
+LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks")
+
+
+def register_zoo(path: str | Path | None) -> list[str]:
+    """The `--zoo FILE` option: add a user's presets (model_zoo.yaml's schema)."""
+    return zoo.register(path) if path is not None else []
+
+
+def resolve_config(preset: str = "toy", recipe: str = "share", overrides=(), *, tune: str | None = None,
+                   llm: str | None = None, vision: str | None = None, config: str | Path | None = None):
+    """The validated run config of preset + recipe + overrides, or of a saved config.yaml
+    (`config`) with overrides on top. Returns (config, sources)."""
+    from tinylmm.config import from_saved, load_resolved, resolve, validate
+
+    if config is None:
+        return resolve(preset, recipe, list(overrides), tune=tune, llm=llm, vision=vision)
+    if tune is not None:
+        raise ConfigError("--tune applies to a recipe; a saved --config already holds its stages' modes")
+    if llm is not None or vision is not None:
+        raise ConfigError("with --config, set the parts as overrides: model.llm.name_or_path=DIR ...")
+    path = Path(config)
+    if not path.exists():
+        raise FileNotFoundError(f"config file '{path}' does not exist")
+    cfg, sources = from_saved(load_resolved(path), path.name, overrides)
+    validate(cfg)
+    return cfg, sources
+
+
+def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, output_dir=None, config=None,
+              resume=None, evaluate: bool = True, console=None, tune: str | None = None,
+              llm: str | None = None, vision: str | None = None):
+    """`tinylmm train`: resolve the config (or reload a saved one) and train. Returns a
+    `RunResult`. `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe
+    trains it; `llm` / `vision` load that part from a local directory (or another hub id)."""
+    from tinylmm.train.loop import train
+
+    if resume is not None:
+        if config is not None or overrides or tune is not None or llm is not None or vision is not None:
+            raise ConfigError("--resume continues a run with its saved config; drop --config, --tune, "
+                              "--llm, --vision and overrides")
+        return train(resume_dir=resume, console=console, evaluate=evaluate)
+    cfg, sources = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config)
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+        sources["output_dir"] = "cli"
+    return train(cfg, sources, console=console, evaluate=evaluate)
+
+
+def plan(preset: str = "toy", recipe: str = "share", overrides=(), *, tune: str | None = None,
+         llm: str | None = None, vision: str | None = None, seq_len: int | None = None,
+         micro_batch: int | None = None, logit_positions: int | None = None, budget: str | int = "24GB",
+         device: str = "cuda"):
+    """`tinylmm plan`: the memory plan of every stage of the run (no weights needed)."""
+    from tinylmm.memory import parse_size, plan_run
+
+    budget_bytes = parse_size(budget)
+    cfg, _ = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision)
+    return plan_run(cfg, seq_len=seq_len, micro_batch=micro_batch, budget_bytes=budget_bytes, device=device,
+                    logit_positions=logit_positions)
+
+
+def load(path, **kwargs):
+    """A checkpoint directory -> (model, processor): a tinylmm checkpoint, or a
+    TinyLLaVA_Factory model directory (converted in memory)."""
+    from tinylmm.convert import tinyllava
+    from tinylmm.models import load as load_checkpoint
+    from tinylmm.models.checkpoint import is_checkpoint
+
+    if not is_checkpoint(path) and tinyllava.is_tinyllava_dir(path):
+        return tinyllava.load(path, **kwargs)
+    return load_checkpoint(path, **kwargs)
+
+
+def build(preset: str = "toy", overrides=(), **kwargs):
+    """A preset's fresh (untrained) model and processor: pretrained parts loaded, the others
+    initialised at random. `overrides`: key=value on the model spec, with or without the
+    `model.` prefix (`connector.type=linear`, `model.vision.feature_layer=-1`). `kwargs` go
+    to tinylmm.models.build_model (dtype, attn_implementation ...)."""
+    from tinylmm.config import resolve
+    from tinylmm.models import build_model
+
+    zoo.get(preset)  # an unknown name fails here, with a suggestion
+    keys = [o if o.split("=", 1)[0].strip().startswith("model.") else f"model.{o}" for o in overrides]
+    cfg, _ = resolve(preset, "share", keys)  # the recipe does not touch the model
+    return build_model(cfg.model, **kwargs)
+
+
+class ChatSession:
+    """`tinylmm chat`: a multi-turn conversation with one checkpoint; the image goes with
+    the first question asked after it is set."""
+
+    def __init__(self, model_dir, *, max_new_tokens: int = 256, temperature: float = 0.0, **load_kwargs):
+        self.model, self.processor = load(model_dir, **load_kwargs)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns: list[tuple[str, str]] = []
+        self.images: list = []
+        self.pending_image = None
+        self.image_path: Path | None = None
+
+    def set_image(self, path: Path) -> None:
+        from PIL import Image
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image '{path}' does not exist")
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        # A new image starts a new conversation: the model was trained on one image each.
+        self.reset()
+        self.pending_image, self.image_path = image, path
+
+    def ask(self, question: str, on_text=None) -> str:
+        from tinylmm.data.templates import IMAGE_TOKEN
+        from tinylmm.models.generation import chat_reply
+
+        if self.pending_image is not None:
+            question = f"{IMAGE_TOKEN}\n{question}"
+            self.images.append(self.pending_image)
+            self.pending_image = None
+        turns = self.turns + [("human", question)]
+        kwargs = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {}
+        answer = chat_reply(self.model, self.processor, turns, self.images, on_text=on_text,
+                            max_new_tokens=self.max_new_tokens, **kwargs)
+        self.turns = turns + [("gpt", answer)]
+        return answer
+
+
+def merge_checkpoint(src, out=None, *, full_precision_base: bool = False) -> Path:
+    """`tinylmm merge`: fold a checkpoint's LoRA adapters into its weights and write a
+    self-contained full checkpoint (default: `<src>-merged` beside it). After QLoRA the
+    adapters are added to the dequantized 4-bit base, the weights they were trained against,
+    so the merged model answers as the trained one did; `full_precision_base` adds them to
+    the original base."""
+    from tinylmm.files import write_atomically
+    from tinylmm.models import adapters
+    from tinylmm.models.checkpoint import read_meta
+
+    src = Path(src)
+    meta = read_meta(src)
+    if not meta.get("llm_base") and not meta.get("vision_lora"):
+        raise ValueError(f"'{src}' has no adapters to merge: it is a full checkpoint already")
+    out = Path(out) if out is not None else src.resolve().with_name(src.resolve().name + "-merged")
+    if out.exists():
+        raise FileExistsError(f"'{out}' already exists; not overwriting it")
+    model, processor = load(src)
+    if adapters.is_peft(model.llm):
+        model.llm = adapters.merged_llm(model, src / "llm", full_precision_base=full_precision_base)
+        model.llm_base = model.llm_quant = None
+    if adapters.has_vision_lora(model):
+        adapters.merge_vision_lora(model)
+    write_atomically(out, lambda d: model.save(d, processor))
+    return out
+
+
+def evaluate_checkpoint(model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32,
+                        max_new_tokens: int = 8):
+    """`tinylmm eval`: score a checkpoint on a benchmark; returns (summary, results path)."""
+    from tinylmm.eval import BENCHMARKS
+
+    benchmark = BENCHMARKS.get(bench)
+    model_dir = Path(model_dir)
+    model, processor = load(model_dir)
+    data = Path(data) if data is not None else benchmark.data_for(model_dir, processor)
+    out = Path(out) if out else model_dir.resolve().parent.parent / "eval" / f"{bench}.json"
+    summary = benchmark.evaluate(model, processor, data, out=out, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens)
+    return summary, out
+
+
+def convert_checkpoint(src, out, *, source: str = "tinyllava", tokenizer=None, template: str | None = None):
+    """`tinylmm convert`: another framework's checkpoint as a tinylmm one. Returns (out, notes)."""
+    from tinylmm.convert import tinyllava
+
+    converters = {"tinyllava": tinyllava.convert}
+    if source not in converters:
+        raise unknown("checkpoint source (--from)", source, converters)
+    return converters[source](src, out, tokenizer=tokenizer, template=template)
+
+
+def listing(kind: str) -> list[tuple[str, str]]:
+    """`tinylmm ls KIND`: (name, one line) of what is available."""
+    if kind not in LISTINGS:
+        raise unknown("listing", kind, LISTINGS)
+    if kind == "presets":
+        return [(p.name, p.description) for p in zoo.presets().values()]
+    if kind == "recipes":
+        return [(n, recipes.load_recipe(n).description) for n in recipes.shipped()]
+    if kind == "templates":
+        from tinylmm.data.templates import describe_templates
+
+        return describe_templates()
+    if kind == "connectors":
+        from tinylmm.models.connectors import CONNECTORS
+
+        return [(n, (c.__doc__ or "").strip().splitlines()[0]) for n, c in CONNECTORS.items()]
+    from tinylmm.eval import BENCHMARKS
+
+    return [(n, (b.__doc__ or "").strip().splitlines()[0]) for n, b in BENCHMARKS.items()]
+
+
+def copy_recipe(name: str, dest) -> Path:
+    """`tinylmm cp`: a shipped recipe copied to `dest` for editing; never overwrites."""
+    return recipes.copy_recipe(name, dest)

@@ -1,0 +1,70 @@
+"""Recipes: ordered training stages, as YAML data (recipes/*.yaml)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tinylmm.errors import ConfigError, unknown
+from tinylmm.resources import resource
+from tinylmm.schema import RunConfig, StageConfig, from_dict
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    description: str
+    stages: dict[str, dict]  # stage name -> StageConfig mapping, in order
+    run: dict  # the other RunConfig sections the recipe sets (its top-level keys but `stages`)
+    shipped: bool = False  # one of recipes/*.yaml (not a user's file)
+
+
+def shipped() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(resource("recipes").glob("*.yaml"))}
+
+
+def _description(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name (`share`), or a YAML file of the same form."""
+    path = Path(name_or_path)
+    shipped_recipe = False
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        table = shipped()
+        if name_or_path not in table:
+            if path.suffix in (".yaml", ".yml"):
+                raise ConfigError(f"recipe file '{name_or_path}' does not exist")
+            raise unknown("recipe", name_or_path, table)
+        path = table[name_or_path]
+        shipped_recipe = True
+    text = path.read_text()
+    data = yaml.safe_load(text) or {}
+    where = str(path)
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
+        raise ConfigError(f"{where}: a recipe needs a 'stages' mapping (stage name -> settings)")
+    for stage, values in data["stages"].items():
+        from_dict(StageConfig, values or {}, f"{where}:stages.{stage}")
+    run = {k: v for k, v in data.items() if k != "stages"}
+    from_dict(RunConfig, dict(run), where)
+    return Recipe(path.stem, path, _description(text), data["stages"], run, shipped_recipe)
+
+
+def copy_recipe(name: str, dest: str | Path) -> Path:
+    """Copy a shipped recipe to `dest` for editing; never overwrites."""
+    src = load_recipe(name).path
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        raise ConfigError(f"'{dest}' already exists; not overwriting it")
+    shutil.copyfile(src, dest)
+    return dest

@@ -1,0 +1,53 @@
+"""Validation: a resolved config checked against what the registries know (connectors and
+their options, vision backends, templates, benchmarks) and the trainability rules, before
+anything is built or read."""
+
+from __future__ import annotations
+
+from tinylmm import trainability
+from tinylmm.data.templates import TEMPLATES
+from tinylmm.errors import ConfigError, unknown
+from tinylmm.eval import BENCHMARKS
+from tinylmm.models.connectors import connector_options
+from tinylmm.models.vision import VISION_BACKENDS
+from tinylmm.schema import COMPONENTS, RunConfig
+
+
+def validate(cfg: RunConfig) -> None:
+    connector_options(cfg.model.connector)
+    VISION_BACKENDS.get(cfg.model.vision.backend, "model.vision.name_or_path").validate(cfg.model.vision)
+    if cfg.model.vision.image_size is not None and cfg.model.vision.image_size <= 0:
+        raise ConfigError(f"model.vision.image_size={cfg.model.vision.image_size} must be positive "
+                          "(or null: the tower's own)")
+    TEMPLATES.get(cfg.model.template, "model.template")
+    if not cfg.stages:
+        raise ConfigError("the recipe has no stages")
+    for bench in cfg.eval.bench:
+        BENCHMARKS.get(bench, "eval.bench")
+    for name, st in cfg.stages.items():
+        where = f"stages.{name}"
+        if st.template is not None:
+            TEMPLATES.get(st.template, f"{where}.template")
+        for comp in st.tune:
+            if comp not in COMPONENTS:
+                raise unknown(f"component in {where}.tune", comp, COMPONENTS)
+        for comp in COMPONENTS:
+            st.tune.setdefault(comp, "frozen")
+            trainability.mode(st, comp, where)
+        if (st.data.json is None) == (st.data.shapes is None):
+            raise ConfigError(f"{where}.data: give exactly one of 'json' (with 'images') or 'shapes'")
+        if st.batch_size % st.micro_batch_size:
+            raise ConfigError(
+                f"{where}: batch_size {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size}"
+            )
+        trainability.check_rates(st, where)
+        if st.epochs <= 0 or st.max_len <= 0:
+            raise ConfigError(f"{where}: epochs and max_len must be positive")
+        if not 0 <= st.warmup_ratio < 1:
+            raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+    for comp in ("vision", "llm"):
+        trainability.structures(cfg, comp)
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
+        raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
+    if not cfg.lora.lr > 0:
+        raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive")

@@ -1,0 +1,19 @@
+"""The errors a user can fix, and the did-you-mean wording every unknown name gets."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key at fault."""
+
+
+def did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown(kind: str, name: str, options) -> ConfigError:
+    options = sorted(str(o) for o in options)
+    return ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, options)}; known: {', '.join(options)}")

@@ -1,0 +1,22 @@
+"""Writing a directory so that a failure never leaves one that looks whole: it is written
+under a temporary name and renamed into place when complete, replacing what was there only
+then."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomically(dest: Path, write) -> None:
+    """`write(tmp_dir)`, then `tmp_dir` becomes `dest`."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
