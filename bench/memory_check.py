@@ -1,4 +1,4 @@
-"""Hold the memory planner (tinylmm/train/memory/) to measurements on this CPU.
+"""Hold the memory planner (tinylmm/memory/) to measurements on this CPU.
 
     python bench/memory_check.py            # all sections, a few minutes on 2 cores
     python bench/memory_check.py counts acts peak storage table
@@ -35,30 +35,44 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinylmm.config import resolve  # noqa: E402
 from tinylmm import memory as mem  # noqa: E402
+from tinylmm.config import resolve  # noqa: E402
 from tinylmm.train import measure  # noqa: E402
 
 MiB = 2**20
 
-LLAMA_MID = ("{model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, "
-             "num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, tie_word_embeddings: false, "
-             "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
-LLAMA_BIG = ("{model_type: llama, vocab_size: 8192, hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8, "
-             "num_attention_heads: 16, num_key_value_heads: 4, max_position_embeddings: 2048, tie_word_embeddings: false, "
-             "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
-PHI_MID = ("{model_type: phi, vocab_size: 4096, hidden_size: 640, intermediate_size: 2560, num_hidden_layers: 3, "
-           "num_attention_heads: 8, partial_rotary_factor: 0.4, resid_pdrop: 0.1, max_position_embeddings: 1024, "
-           "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
-STABLELM_MID = ("{model_type: stablelm, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 3, "
-                "num_attention_heads: 8, num_key_value_heads: 8, partial_rotary_factor: 0.25, use_qkv_bias: true, "
-                "max_position_embeddings: 1024, tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
-SIGLIP_MID = ("{model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 4, "
-              "num_attention_heads: 6, image_size: 112, patch_size: 16}")
-SIGLIP_BIG = ("{model_type: siglip_vision_model, hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 6, "
-              "num_attention_heads: 12, image_size: 224, patch_size: 14}")
-CLIP_MID = ("{model_type: clip_vision_model, hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 4, "
-            "num_attention_heads: 6, image_size: 112, patch_size: 14, hidden_act: quick_gelu}")
+LLAMA_MID = (
+    "{model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, "
+    "num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, tie_word_embeddings: false, "
+    "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
+LLAMA_BIG = (
+    "{model_type: llama, vocab_size: 8192, hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8, "
+    "num_attention_heads: 16, num_key_value_heads: 4, max_position_embeddings: 2048, tie_word_embeddings: false, "
+    "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
+PHI_MID = (
+    "{model_type: phi, vocab_size: 4096, hidden_size: 640, intermediate_size: 2560, num_hidden_layers: 3, "
+    "num_attention_heads: 8, partial_rotary_factor: 0.4, resid_pdrop: 0.1, max_position_embeddings: 1024, "
+    "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
+STABLELM_MID = (
+    "{model_type: stablelm, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 3, "
+    "num_attention_heads: 8, num_key_value_heads: 8, partial_rotary_factor: 0.25, use_qkv_bias: true, "
+    "max_position_embeddings: 1024, tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
+SIGLIP_MID = (
+    "{model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 4, "
+    "num_attention_heads: 6, image_size: 112, patch_size: 16}"
+)
+SIGLIP_BIG = (
+    "{model_type: siglip_vision_model, hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 6, "
+    "num_attention_heads: 12, image_size: 224, patch_size: 14}"
+)
+CLIP_MID = (
+    "{model_type: clip_vision_model, hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 4, "
+    "num_attention_heads: 6, image_size: 112, patch_size: 14, hidden_act: quick_gelu}"
+)
 
 MODELS = {
     "toy": [],
@@ -83,11 +97,20 @@ def section_counts():
         ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llm", 1_100_048_384, "1,100,048,384 (issue; HF: 1.1B)"),
         ("stabilityai/stablelm-2-1_6b", "llm", 1_644_417_024, "1,644,417,024 (HF model card table)"),
         ("stabilityai/stablelm-2-zephyr-1_6b", "llm", 1_644_417_024, "1,644,417,024 (same architecture)"),
-        ("google/siglip-so400m-patch14-384", "vision", 428_230_000, "428.23M image tower (open_clip model_profile.csv)"),
-        ("openai/clip-vit-large-patch14-336", "vision", 304_290_000, "304.29M image tower incl. 1024x768 projection "
-                                                                        "(open_clip model_profile.csv)"),
+        (
+            "google/siglip-so400m-patch14-384",
+            "vision",
+            428_230_000,
+            "428.23M image tower (open_clip model_profile.csv)",
+        ),
+        (
+            "openai/clip-vit-large-patch14-336",
+            "vision",
+            304_290_000,
+            "304.29M image tower incl. 1024x768 projection (open_clip model_profile.csv)",
+        ),
     ]
-    for hub, kind, ref, text in published:
+    for hub, kind, _ref, text in published:
         data = json.loads(mem.arch_file(hub).read_text())
         n = mem.count_llm_parameters(data) if kind == "llm" else mem.count_vision_parameters(data)
         extra = ""
@@ -98,8 +121,10 @@ def section_counts():
 
 def section_acts():
     print("\n## Activations: estimated vs saved for backward (saved_tensors_hooks), CPU\n")
-    print("| model | stage | precision | micro-batch x seq | no ckpt: measured | estimate | error "
-          "| ckpt: measured | estimate | error |")
+    print(
+        "| model | stage | precision | micro-batch x seq | no ckpt: measured | estimate | error "
+        "| ckpt: measured | estimate | error |"
+    )
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     cases = [
         ("toy", "pretrain", "fp32", 8, 256, []),
@@ -127,20 +152,31 @@ def section_acts():
             model = measure.stage_model(cfg, stage, tmp, precision)
             batch = measure.make_batch(model, B, S)
             m0, m1 = measure.measure_saved(model, batch, precision)
-        acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, stage, seq_len=S, precision=precision,
-                                     device="cpu", logit_positions=measure.logit_positions(batch))
+        acts = mem.stage_activations(
+            mem.build_meta(cfg.model),
+            cfg,
+            stage,
+            seq_len=S,
+            precision=precision,
+            device="cpu",
+            logit_positions=measure.logit_positions(batch),
+        )
         e0, e1 = sum(acts.saved(B, False).values()), sum(acts.saved(B, True).values())
         worst = max(worst, abs(e0 / m0 - 1), abs(e1 / m1 - 1))
         tune = ", ".join(f"{c} {cfg.stages[stage].tune[c]}" for c in ("vision", "llm"))
-        print(f"| {name} | {stage} ({tune}) | {precision} | {B} x {S} | {m0 / MiB:.2f} MiB | {e0 / MiB:.2f} MiB | "
-              f"{pct(e0, m0)} | {m1 / MiB:.2f} MiB | {e1 / MiB:.2f} MiB | {pct(e1, m1)} |")
+        print(
+            f"| {name} | {stage} ({tune}) | {precision} | {B} x {S} | {m0 / MiB:.2f} MiB | {e0 / MiB:.2f} MiB | "
+            f"{pct(e0, m0)} | {m1 / MiB:.2f} MiB | {e1 / MiB:.2f} MiB | {pct(e1, m1)} |"
+        )
     print(f"\nlargest deviation: {worst:.1%}")
 
 
 def section_peak():
     print("\n## Whole training step: planned total vs peak live tensor bytes, CPU\n")
-    print("| model | stage | precision | ckpt | micro-batch x seq | measured peak | planned total | error "
-          "| planned peak at |")
+    print(
+        "| model | stage | precision | ckpt | micro-batch x seq | measured peak | planned total | error "
+        "| planned peak at |"
+    )
     print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |")
     cases = [
         ("toy", "share", "fp32", False, 8, 256, []),
@@ -153,21 +189,33 @@ def section_peak():
         ("llama-mid+siglip", "pretrain", "bf16", True, 2, 320, []),
         ("llama-big+siglip", "finetune", "bf16", True, 2, 768, []),
         ("llama-mid+siglip", "finetune", "bf16", True, 2, 320, ["stages.finetune.tune.llm=qlora", "lora.r=16"]),
-        ("llama-mid+siglip", "finetune", "bf16", False, 2, 320,
-         ["stages.finetune.tune.llm=lora", "lora.r=16", "train.optimizer=adamw_8bit"]),
+        (
+            "llama-mid+siglip",
+            "finetune",
+            "bf16",
+            False,
+            2,
+            320,
+            ["stages.finetune.tune.llm=lora", "lora.r=16", "train.optimizer=adamw_8bit"],
+        ),
     ]
     worst = 0.0
     for name, stage, precision, gc, B, S, extra in cases:
-        cfg, _ = resolve("toy", "share", MODELS[name] + extra +
-                         [f"train.precision={precision}", f"train.gradient_checkpointing={str(gc).lower()}"])
+        cfg, _ = resolve(
+            "toy",
+            "share",
+            MODELS[name] + extra + [f"train.precision={precision}", f"train.gradient_checkpointing={str(gc).lower()}"],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             peak, K = measure.measure_peak(cfg, stage, B, S, tmp)
         plan = mem.plan_run(cfg, seq_len=S, micro_batch=B, device="cpu", logit_positions=K)
         planned = next(s for s in plan.stages if s.name == stage)
         worst = max(worst, abs(planned.total / peak - 1))
         tune = ", ".join(f"{c} {cfg.stages[stage].tune[c]}" for c in ("vision", "llm"))
-        print(f"| {name} | {stage} ({tune}) | {precision} | {'on' if gc else 'off'} | {B} x {S} | "
-              f"{peak / MiB:.1f} MiB | {planned.total / MiB:.1f} MiB | {pct(planned.total, peak)} | {planned.peak_at} |")
+        print(
+            f"| {name} | {stage} ({tune}) | {precision} | {'on' if gc else 'off'} | {B} x {S} | "
+            f"{peak / MiB:.1f} MiB | {planned.total / MiB:.1f} MiB | {pct(planned.total, peak)} | {planned.peak_at} |"
+        )
     print(f"\nlargest deviation: {worst:.1%}")
 
 
@@ -185,52 +233,69 @@ def section_storage():
         ("llama-mid+siglip", "finetune", "bf16", "adamw_8bit", ["stages.finetune.tune.llm=qlora", "lora.r=16"]),
     ]
     for name, stage, precision, optim, extra in cases:
-        cfg, _ = resolve("toy", "share", MODELS[name] + extra +
-                         [f"train.precision={precision}", f"train.optimizer={optim}"])
+        cfg, _ = resolve(
+            "toy", "share", MODELS[name] + extra + [f"train.precision={precision}", f"train.optimizer={optim}"]
+        )
         with tempfile.TemporaryDirectory() as tmp:
             model = measure.stage_model(cfg, stage, tmp, precision)
             opt, _ = build_optimizer(param_groups(model, cfg.stages[stage]), optim, torch.device("cpu"))
             batch = measure.make_batch(model, 2, 160)
 
-            def step():
+            def step(model=model, batch=batch, precision=precision):
                 with measure.autocast(precision):
                     loss = model(**batch).loss_sum
                 loss.backward()
 
             _, grads, states = measure.measure_storage(model, opt, step)
             quantized = [p for p in model.parameters() if getattr(p, "quant_state", None) is not None]
-            weights = (sum(p.untyped_storage().nbytes() for p in model.parameters()) + measure.quantized_bytes(model)
-                       - sum(p.untyped_storage().nbytes() for p in quantized))
+            weights = (
+                sum(p.untyped_storage().nbytes() for p in model.parameters())
+                + measure.quantized_bytes(model)
+                - sum(p.untyped_storage().nbytes() for p in quantized)
+            )
         plan = next(s for s in mem.plan_run(cfg, device="cpu").stages if s.name == stage)
         rows = plan.breakdown
         w = sum(v for k, v in rows.items() if k.startswith(("weights", "LoRA")))
         g = rows.get("gradients (fp32)", 0)
         o = sum(v for k, v in rows.items() if k.startswith("optimizer"))
         for part, m, e in (("weights", weights, w), ("gradients", grads, g), ("optimizer states", states, o)):
-            print(f"| {name} | {stage} ({cfg.stages[stage].tune['llm']}) | {precision} | {optim} | {part} | "
-                  f"{m:,} | {e:,} ({pct(e, m) if m else 'n/a'}) |")
+            print(
+                f"| {name} | {stage} ({cfg.stages[stage].tune['llm']}) | {precision} | {optim} | {part} | "
+                f"{m:,} | {e:,} ({pct(e, m) if m else 'n/a'}) |"
+            )
 
 
 def section_table():
     print("\n## TinyLLaVA presets on one 24 GB GPU at seq 2048 (tinylmm plan --tune qlora | lora)\n")
-    print("| preset | recipe | stage | vision / connector | micro-batch | --tune qlora: peak | largest micro-batch "
-          "| --tune lora: peak | largest micro-batch |")
+    print(
+        "| preset | recipe | stage | vision / connector | micro-batch | --tune qlora: peak | largest micro-batch "
+        "| --tune lora: peak | largest micro-batch |"
+    )
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     positions = set()
     for preset in ("tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b", "tinyllava-tinyllama-siglip-1.5b"):
         for recipe in ("base", "share"):
-            plans = {tune: mem.plan_run(resolve(preset, recipe, tune=tune)[0], seq_len=2048) for tune in ("qlora", "lora")}
+            plans = {
+                tune: mem.plan_run(resolve(preset, recipe, tune=tune)[0], seq_len=2048) for tune in ("qlora", "lora")
+            }
             for q, lo in zip(plans["qlora"].stages, plans["lora"].stages):
                 cell = lambda s: f"{mem.fmt_bytes(s.total)}{'' if s.fits else ' (over)'} | {s.max_micro_batch}"  # noqa: E731
                 llm = "" if q.tune["llm"] == "qlora" else f" (LLM {q.tune['llm']})"
-                print(f"| {preset} | {recipe} | {q.name}{llm} | {q.tune['vision']} / {q.tune['connector']} | "
-                      f"{q.micro_batch} | {cell(q)} | {cell(lo)} |")
+                print(
+                    f"| {preset} | {recipe} | {q.name}{llm} | {q.tune['vision']} / {q.tune['connector']} | "
+                    f"{q.micro_batch} | {cell(q)} | {cell(lo)} |"
+                )
                 positions |= {q.logit_positions, lo.logit_positions}
     print(f"\nLM head and loss at {', '.join(map(str, sorted(positions)))} positions per sample (every text position)")
 
 
-SECTIONS = {"counts": section_counts, "acts": section_acts, "peak": section_peak, "storage": section_storage,
-            "table": section_table}
+SECTIONS = {
+    "counts": section_counts,
+    "acts": section_acts,
+    "peak": section_peak,
+    "storage": section_storage,
+    "table": section_table,
+}
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, os.cpu_count() or 1))

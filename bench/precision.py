@@ -39,8 +39,10 @@ def main():
             opt.step()
             opt.zero_grad()
             times.append(time.perf_counter() - t)
-        print(f"{name:14s} median step {statistics.median(times[1:]):.3f} s  "
-              f"(batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads)")
+        print(
+            f"{name:14s} median step {statistics.median(times[1:]):.3f} s  "
+            f"(batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads)"
+        )
 
 
 if __name__ == "__main__":

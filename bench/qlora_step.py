@@ -48,10 +48,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from tinylmm.catalog import zoo
-    from tinylmm.config import resolve
     from tinylmm.catalog.recipes import load_recipe
-    from tinylmm.train import loop
+    from tinylmm.config import resolve
     from tinylmm.memory import arch_config, fmt_bytes, plan_run
+    from tinylmm.train import loop
 
     preset = zoo.get(args.preset).model_spec()
     share = load_recipe("share").stages["share"]
@@ -60,11 +60,16 @@ def main() -> None:
         recipe = Path(tmp) / "share-step.yaml"
         recipe.write_text("# one share-stage step\n" + yaml.safe_dump({"stages": {"share": share}}))
         overrides = [
-            f"model.llm.config={json.dumps(arch_config(preset.llm, 'llm'))}", "model.llm.name_or_path=null",
+            f"model.llm.config={json.dumps(arch_config(preset.llm, 'llm'))}",
+            "model.llm.name_or_path=null",
             "model.llm.tokenizer=builtin:toy",  # the real tokenizer cannot be downloaded; ids < vocab
             f"model.vision.config={json.dumps(arch_config(preset.vision, 'vision'))}",
-            "model.vision.name_or_path=null", f"train.precision={args.precision}",
-            "shapes.n_caption=8", "shapes.n_instruct=8", "shapes.n_eval=4", "eval.bench=[]",
+            "model.vision.name_or_path=null",
+            f"train.precision={args.precision}",
+            "shapes.n_caption=8",
+            "shapes.n_instruct=8",
+            "shapes.n_eval=4",
+            "eval.bench=[]",
         ]
         cfg, sources = resolve(args.preset, str(recipe), overrides, tune="qlora", output_dir=f"{tmp}/run")
 
@@ -95,14 +100,20 @@ def main() -> None:
     # The planner for the same settings, at the length of the sample that was trained on.
     planned = plan_run(cfg, seq_len=tokens, logit_positions=steps["supervised"], device="cpu").stages[0]
 
-    print(f"preset {args.preset}, precision {args.precision}, share stage, --tune qlora, micro-batch 1, "
-          f"{tokens} tokens, {steps['supervised']} supervised")
-    print(f"losses {[round(x, 4) for x in result.losses['share']]}; wall {wall:.1f} s, "
-          f"of which the two steps {steps['step_s']:.1f} s")
+    print(
+        f"preset {args.preset}, precision {args.precision}, share stage, --tune qlora, micro-batch 1, "
+        f"{tokens} tokens, {steps['supervised']} supervised"
+    )
+    print(
+        f"losses {[round(x, 4) for x in result.losses['share']]}; wall {wall:.1f} s, "
+        f"of which the two steps {steps['step_s']:.1f} s"
+    )
     print(f"peak RSS, set-up (build, write llm-base/, reload 4-bit): {fmt_bytes(steps['setup_peak'])}")
     print(f"peak RSS, training steps:                                 {fmt_bytes(steps['step_peak'])}")
-    print(f"planner (device cpu), peak of the step:                   {fmt_bytes(planned.total)} "
-          f"({(planned.total / steps['step_peak'] - 1) * 100:+.1f}% vs measured)")
+    print(
+        f"planner (device cpu), peak of the step:                   {fmt_bytes(planned.total)} "
+        f"({(planned.total / steps['step_peak'] - 1) * 100:+.1f}% vs measured)"
+    )
     for label, value in planned.breakdown.items():
         print(f"    {label:<40} {fmt_bytes(value)}")
 

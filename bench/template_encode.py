@@ -19,21 +19,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tiny_tokenizers import FAMILIES, family_tokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from tinylmm.data.processor import ImageProcessor, Processor  # noqa: E402
 
-CONV = [("human", "<image>\nWhat color is the circle in the top left cell?"), ("gpt", "The circle is red."),
-        ("human", "How many squares are there?"), ("gpt", "There are two squares.")]
+from tiny_tokenizers import FAMILIES, family_tokenizer  # noqa: E402
+
+CONV = [
+    ("human", "<image>\nWhat color is the circle in the top left cell?"),
+    ("gpt", "The circle is red."),
+    ("human", "How many squares are there?"),
+    ("gpt", "There are two squares."),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=2000)
     args = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-          f"{args.samples} encodes of a 2-turn conversation with an image, best of 3")
+    print(
+        f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"{args.samples} encodes of a 2-turn conversation with an image, best of 3"
+    )
     print("| family | template | ms per sample |\n| --- | --- | ---: |")
     images = ImageProcessor(size=8, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     for family, fam in FAMILIES.items():

@@ -1,7 +1,7 @@
 """The Python API: load a trained checkpoint and ask it about an image.
 
-    tinylmm train --recipe share                 # writes runs/<run>/final
-    python examples/python_api.py runs/<run>/final path/to/image.png "What color is the circle?"
+tinylmm train --recipe share                 # writes runs/<run>/final
+python examples/python_api.py runs/<run>/final path/to/image.png "What color is the circle?"
 """
 
 import sys
@@ -18,14 +18,25 @@ def main(checkpoint: str, image_path: str, question: str) -> None:
 
     # One answer, streamed piece by piece as it is generated.
     print("A: ", end="")
-    chat_reply(model, processor, [("human", f"<image>\n{question}")], [image],
-               on_text=lambda t: print(t, end="", flush=True), max_new_tokens=32)
+    chat_reply(
+        model,
+        processor,
+        [("human", f"<image>\n{question}")],
+        [image],
+        on_text=lambda t: print(t, end="", flush=True),
+        max_new_tokens=32,
+    )
     print()
 
     # Several questions at once (left-padded batch, greedy).
     questions = ["How many shapes are there?", "Is there a red circle?"]
-    answers = generate_batch(model, processor, [[("human", f"<image>\n{q}")] for q in questions],
-                             [[image]] * len(questions), max_new_tokens=8)
+    answers = generate_batch(
+        model,
+        processor,
+        [[("human", f"<image>\n{q}")] for q in questions],
+        [[image]] * len(questions),
+        max_new_tokens=8,
+    )
     for q, a in zip(questions, answers):
         print(f"Q: {q}\nA: {a}")
 

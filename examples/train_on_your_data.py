@@ -32,15 +32,30 @@ def write_data(root: Path) -> tuple[Path, Path, Path]:
         img = Image.new("RGB", (64, 64), (250, 250, 250))
         ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=COLORS[name])
         img.save(images / f"{i}.png")
-        captions.append({"id": f"cap-{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."},
-            {"from": "gpt", "value": f"A {name} circle."}]})
-        instruct.append({"id": f"qa-{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the circle?"},
-            {"from": "gpt", "value": name}]})
+        captions.append(
+            {
+                "id": f"cap-{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {name} circle."},
+                ],
+            }
+        )
+        instruct.append(
+            {
+                "id": f"qa-{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the circle?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
     # A text-only sample is fine too.
-    instruct.append({"id": "text-0", "conversations": [
-        {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]})
+    instruct.append(
+        {"id": "text-0", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]}
+    )
     (root / "captions.json").write_text(json.dumps(captions, indent=1))
     (root / "instruct.json").write_text(json.dumps(instruct, indent=1))
     return root / "captions.json", root / "instruct.json", images
@@ -49,11 +64,15 @@ def write_data(root: Path) -> tuple[Path, Path, Path]:
 def main(out: Path) -> None:
     captions, instruct, images = write_data(out / "data")
     result = train_run(
-        preset="toy", recipe="base", output_dir=out / "run", evaluate=False,
+        preset="toy",
+        recipe="base",
+        output_dir=out / "run",
+        evaluate=False,
         overrides=[
             f"stages.pretrain.data={{json: {captions}, images: {images}}}",
             f"stages.finetune.data={{json: {instruct}, images: {images}}}",
-            "stages.pretrain.epochs=4", "stages.finetune.epochs=8",
+            "stages.pretrain.epochs=4",
+            "stages.finetune.epochs=8",
         ],
     )
     model, processor = tinylmm.load(result.final)

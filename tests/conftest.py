@@ -7,13 +7,20 @@ import pytest  # noqa: E402
 
 # A model and schedule small enough for end-to-end tests on a 2-core CPU (seconds).
 TINY = [
-    "model.llm.config.hidden_size=64", "model.llm.config.intermediate_size=128",
-    "model.llm.config.num_hidden_layers=2", "model.llm.config.num_attention_heads=2",
+    "model.llm.config.hidden_size=64",
+    "model.llm.config.intermediate_size=128",
+    "model.llm.config.num_hidden_layers=2",
+    "model.llm.config.num_attention_heads=2",
     "model.llm.config.num_key_value_heads=2",
-    "model.vision.config.hidden_size=32", "model.vision.config.intermediate_size=64",
-    "model.vision.config.num_hidden_layers=3", "model.vision.config.num_attention_heads=2",
-    "model.vision.config.image_size=32", "model.vision.config.patch_size=8",
-    "shapes.n_caption=48", "shapes.n_instruct=48", "shapes.n_eval=12",
+    "model.vision.config.hidden_size=32",
+    "model.vision.config.intermediate_size=64",
+    "model.vision.config.num_hidden_layers=3",
+    "model.vision.config.num_attention_heads=2",
+    "model.vision.config.image_size=32",
+    "model.vision.config.patch_size=8",
+    "shapes.n_caption=48",
+    "shapes.n_instruct=48",
+    "shapes.n_eval=12",
     "eval.bench=[]",
 ]
 
@@ -21,8 +28,12 @@ TINY = [
 def tiny_stages(recipe_stages=("pretrain", "share", "finetune"), steps=3, batch=8, micro=4):
     out = []
     for s in recipe_stages:
-        out += [f"stages.{s}.max_steps={steps}", f"stages.{s}.batch_size={batch}",
-                f"stages.{s}.micro_batch_size={micro}", f"stages.{s}.max_len=128"]
+        out += [
+            f"stages.{s}.max_steps={steps}",
+            f"stages.{s}.batch_size={batch}",
+            f"stages.{s}.micro_batch_size={micro}",
+            f"stages.{s}.max_len=128",
+        ]
     return out
 
 
@@ -46,8 +57,10 @@ def require_openclip():
     except ImportError as e:
         if os.environ.get("TINYLMM_REQUIRE_OPENCLIP") == "1":
             pytest.fail(f"TINYLMM_REQUIRE_OPENCLIP=1, but open_clip cannot be imported ({e})", pytrace=False)
-        pytest.skip(f"open_clip cannot be imported ({e}); pip install 'tinylmm[openclip]' to run these tests",
-                    allow_module_level=True)
+        pytest.skip(
+            f"open_clip cannot be imported ({e}); pip install 'tinylmm[openclip]' to run these tests",
+            allow_module_level=True,
+        )
     return open_clip
 
 

@@ -13,8 +13,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def tinylmm(*args, input=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tinylmm.cli.app", *args], capture_output=True, text=True,
-                          env=ENV, input=input, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tinylmm.cli.app", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        input=input,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_help_does_not_import_the_ml_stack():
@@ -26,14 +33,17 @@ def test_help_does_not_import_the_ml_stack():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--preset", "toi"], "did you mean 'toy'"),
-    (["train", "--recipe", "shar"], "did you mean 'share'"),
-    (["train", "stages.finetune.lrr=1"], "did you mean 'lr'"),
-    (["train", "model.connector.type=mlp"], "unknown connector"),
-    (["ls", "preset"], "did you mean 'presets'"),
-    (["chat", "no/such/dir", "hi"], "not a tinylmm checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--preset", "toi"], "did you mean 'toy'"),
+        (["train", "--recipe", "shar"], "did you mean 'share'"),
+        (["train", "stages.finetune.lrr=1"], "did you mean 'lr'"),
+        (["train", "model.connector.type=mlp"], "unknown connector"),
+        (["ls", "preset"], "did you mean 'presets'"),
+        (["chat", "no/such/dir", "hi"], "not a tinylmm checkpoint"),
+    ],
+)
 def test_user_errors_exit_2_with_one_clear_line(args, message, tmp_path):
     out = tinylmm(*args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -43,13 +53,19 @@ def test_user_errors_exit_2_with_one_clear_line(args, message, tmp_path):
 
 
 def test_missing_dataset_names_the_file(tmp_path):
-    out = tinylmm("train", "--preset", "toy", "stages.pretrain.data={json: nowhere.json, images: .}",
-                  *TINY, cwd=tmp_path)
+    out = tinylmm(
+        "train", "--preset", "toy", "stages.pretrain.data={json: nowhere.json, images: .}", *TINY, cwd=tmp_path
+    )
     assert out.returncode == 2 and "nowhere.json" in out.stderr
 
 
 def test_ls_and_cp(tmp_path):
-    for kind, name in [("presets", "toy"), ("recipes", "share"), ("connectors", "resampler"), ("templates", "pretrain")]:
+    for kind, name in [
+        ("presets", "toy"),
+        ("recipes", "share"),
+        ("connectors", "resampler"),
+        ("templates", "pretrain"),
+    ]:
         out = tinylmm("ls", kind)
         assert out.returncode == 0 and name in out.stdout
     out = tinylmm("cp", "base", str(tmp_path / "mine.yaml"))
@@ -72,7 +88,9 @@ def test_train_prints_where_the_model_is(trained):
 
 def test_chat_one_question_and_interactive(trained, tmp_path):
     img = next((trained / "data" / "shapes" / "images").glob("eval-*.png"))
-    out = tinylmm("chat", str(trained / "final"), "--image", str(img), "--max-new-tokens", "4", "What color is the circle?")
+    out = tinylmm(
+        "chat", str(trained / "final"), "--image", str(img), "--max-new-tokens", "4", "What color is the circle?"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()  # an (untrained, so arbitrary) answer was streamed
     session = f"/image {img}\nWhat color is the circle?\n/image nowhere.png\n/reset\nHow many shapes?\n/quit\n"

@@ -4,11 +4,16 @@ import pytest
 import yaml
 
 from tinylmm.catalog import zoo
+from tinylmm.catalog.recipes import copy_recipe, load_recipe, shipped
 from tinylmm.config import (
-    ConfigError, RunConfig, dump_resolved, load_resolved, parse_override, resolve, to_dict,
+    ConfigError,
+    dump_resolved,
+    load_resolved,
+    parse_override,
+    resolve,
+    to_dict,
 )
 from tinylmm.trainability import parse as parse_trainability
-from tinylmm.catalog.recipes import copy_recipe, load_recipe, shipped
 
 
 def test_every_shipped_recipe_and_preset_parses():
@@ -23,8 +28,12 @@ def test_every_shipped_recipe_and_preset_parses():
                 assert set(st.tune) == {"vision", "connector", "llm"}
                 for v in st.tune.values():
                     parse_trainability(v)
-    assert {"toy", "tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b",
-            "tinyllava-tinyllama-siglip-1.5b"} <= set(zoo.names())
+    assert {
+        "toy",
+        "tinyllava-phi2-siglip-3.1b",
+        "tinyllava-stablelm2-siglip-2.0b",
+        "tinyllava-tinyllama-siglip-1.5b",
+    } <= set(zoo.names())
 
 
 def test_recipes_follow_the_tinyllava_paper():
@@ -41,18 +50,21 @@ def test_recipes_follow_the_tinyllava_paper():
         assert st.warmup_ratio == 0.03 and st.scheduler == "cosine"
 
 
-@pytest.mark.parametrize("args, message", [
-    (("toy", "share", ["stages.finetune.lrr=1"]), "did you mean 'lr'"),
-    (("toy", "share", ["model.conector.type=linear"]), "did you mean 'connector'"),
-    (("toi", "share", []), "did you mean 'toy'"),
-    (("toy", "shar", []), "did you mean 'share'"),
-    (("toy", "share", ["model.connector.type=mlp2x_gelo"]), "did you mean 'mlp2x_gelu'"),
-    (("toy", "share", ["model.template=lama"]), "did you mean 'llama'"),
-    (("toy", "share", ["stages.finetun.lr=1"]), "did you mean 'finetune'"),
-    (("toy", "share", ["stages.share.tune.vision=partal:3"]), "did you mean"),
-    (("toy", "share", ["train.precision=bf61"]), "not one of"),
-    (("toy", "share", ["stages.finetune.batch_size=10", "stages.finetune.micro_batch_size=4"]), "not a multiple"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("toy", "share", ["stages.finetune.lrr=1"]), "did you mean 'lr'"),
+        (("toy", "share", ["model.conector.type=linear"]), "did you mean 'connector'"),
+        (("toi", "share", []), "did you mean 'toy'"),
+        (("toy", "shar", []), "did you mean 'share'"),
+        (("toy", "share", ["model.connector.type=mlp2x_gelo"]), "did you mean 'mlp2x_gelu'"),
+        (("toy", "share", ["model.template=lama"]), "did you mean 'llama'"),
+        (("toy", "share", ["stages.finetun.lr=1"]), "did you mean 'finetune'"),
+        (("toy", "share", ["stages.share.tune.vision=partal:3"]), "did you mean"),
+        (("toy", "share", ["train.precision=bf61"]), "not one of"),
+        (("toy", "share", ["stages.finetune.batch_size=10", "stages.finetune.micro_batch_size=4"]), "not a multiple"),
+    ],
+)
 def test_bad_names_and_keys_are_errors_with_suggestions(args, message):
     with pytest.raises(ConfigError, match=message):
         resolve(*args)
@@ -60,7 +72,10 @@ def test_bad_names_and_keys_are_errors_with_suggestions(args, message):
 
 def test_override_values_are_typed_yaml():
     assert parse_override("stages.finetune.lr=1e-4") == (["stages", "finetune", "lr"], 1e-4)
-    assert parse_override("model.vision.config={layer_norm_eps: 1e-06, name: 1e-x}")[1] == {"layer_norm_eps": 1e-6, "name": "1e-x"}
+    assert parse_override("model.vision.config={layer_norm_eps: 1e-06, name: 1e-x}")[1] == {
+        "layer_norm_eps": 1e-6,
+        "name": "1e-x",
+    }
     assert parse_override("train.gradient_checkpointing=true")[1] is True
     assert parse_override("eval.bench=[]")[1] == []
     cfg, _ = resolve("toy", "share", ["stages.finetune.lr=3e-4", "model.connector.type=resampler"])

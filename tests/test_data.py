@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from tinylmm.data.llava import DataError, LlavaDataset
+from tinylmm.data.processor import ImageProcessor, SampleError
 from tinylmm.data.templates import IGNORE_INDEX, get_template
 from tinylmm.models import build_model
-from tinylmm.data.processor import ImageProcessor, SampleError
+
 from conftest import supervised_runs
 from test_models import spec
 
@@ -20,16 +21,23 @@ def proc():
 
 
 CONVERSATION = [
-    ("human", "<image>\nWhat color is the circle?"), ("gpt", "red"),
-    ("human", "How many shapes are there?"), ("gpt", "3"),
-    ("human", "Where is the blue square?"), ("gpt", "top left, near the edge."),
+    ("human", "<image>\nWhat color is the circle?"),
+    ("gpt", "red"),
+    ("human", "How many shapes are there?"),
+    ("gpt", "3"),
+    ("human", "Where is the blue square?"),
+    ("gpt", "top left, near the edge."),
 ]
 
 
 @pytest.mark.parametrize("template", ["llama", "pretrain"])
 def test_supervised_spans_are_exactly_the_assistant_messages(proc, template):
     tpl = get_template(template)
-    turns = CONVERSATION if template != "pretrain" else [("human", "<image>\nDescribe."), ("gpt", "A red circle at the top left.")]
+    turns = (
+        CONVERSATION
+        if template != "pretrain"
+        else [("human", "<image>\nDescribe."), ("gpt", "A red circle at the top left.")]
+    )
     enc = proc.encode(turns, tpl, num_images=1)
     tok = proc.tokenizer
     eos = tpl.end_token(tok)
@@ -44,13 +52,15 @@ def test_supervised_spans_are_exactly_the_assistant_messages(proc, template):
 def test_template_text_matches_tinyllava(proc):
     tpl = get_template("llama")
     text, _ = tpl.render(CONVERSATION[:2], "</s>")
-    assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat color is "
-                    "the circle? ASSISTANT: red</s>")
+    assert text == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat color is "
+        "the circle? ASSISTANT: red</s>"
+    )
     prompt, _ = tpl.render(CONVERSATION[:1], "</s>", add_generation_prompt=True)
     assert prompt.endswith("What color is the circle? ASSISTANT:")
     text, spans = get_template("pretrain").render([("human", "<image>\nDescribe it."), ("gpt", "a cat")], "\n")
-    assert text == "<image>a cat\n" and text[spans[0][0]:spans[0][1]] == "a cat\n"
+    assert text == "<image>a cat\n" and text[spans[0][0] : spans[0][1]] == "a cat\n"
 
 
 def test_unusable_samples_raise_with_reason(proc):
@@ -75,16 +85,26 @@ def write_dataset(tmp_path, samples):
 
 
 def test_dataset_reports_and_skips_bad_samples_by_id(proc, tmp_path):
-    good = {"id": "good", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "green"}]}
+    good = {
+        "id": "good",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "green"}],
+    }
     text_only = {"id": "text", "conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}
     samples = [
-        good, text_only,
+        good,
+        text_only,
         {"id": "noimg", "image": "missing.png", "conversations": good["conversations"]},
-        {"id": "twoimg", "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image><image>\nx"}, {"from": "gpt", "value": "y"}]},
-        {"id": "empty", "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": ""}]},
+        {
+            "id": "twoimg",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image><image>\nx"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "empty",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": ""}],
+        },
         {"id": "nofrom", "conversations": [{"value": "x"}]},
     ]
     ds = LlavaDataset(write_dataset(tmp_path, samples), tmp_path / "img", proc, get_template("pretrain"), 256)

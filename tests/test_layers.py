@@ -42,10 +42,12 @@ def test_the_schema_and_resolution_import_no_model_data_or_training_module():
 
 
 def test_the_rules_catch_an_upward_import_and_a_cycle():
-    edges = [g.Edge("tinylmm.schema", "tinylmm.models.lmm", 1, False),
-             g.Edge("tinylmm.models.lmm", "tinylmm.schema", 1, False),
-             g.Edge("tinylmm.memory.plan", "tinylmm.eval.shapes", 1, False),
-             g.Edge("tinylmm.models.lmm", "tinylmm.errors", 9, True)]
+    edges = [
+        g.Edge("tinylmm.schema", "tinylmm.models.lmm", 1, False),
+        g.Edge("tinylmm.models.lmm", "tinylmm.schema", 1, False),
+        g.Edge("tinylmm.memory.plan", "tinylmm.eval.shapes", 1, False),
+        g.Edge("tinylmm.models.lmm", "tinylmm.errors", 9, True),
+    ]
     found = g.violations(edges)
     assert any("tinylmm.schema -> tinylmm.models.lmm imports upward" in v for v in found)
     assert any("imports a sibling layer" in v for v in found)
@@ -54,6 +56,8 @@ def test_the_rules_catch_an_upward_import_and_a_cycle():
 
 
 def test_listing_the_zoo_imports_no_ml_library():
-    code = ("import sys; from tinylmm.api import zoo_select; rows = zoo_select(); assert rows[1]['params']; "
-            "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))")
+    code = (
+        "import sys; from tinylmm.api import zoo_select; rows = zoo_select(); assert rows[1]['params']; "
+        "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

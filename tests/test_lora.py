@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import TINY, tiny_stages
 from tinylmm.config import ConfigError, resolve
 from tinylmm.models import build_model, load
 from tinylmm.train.loop import train
 from tinylmm.train.stages import prepare_stage
 from tinylmm.trainability import param_groups, rates
+
+from conftest import TINY, tiny_stages
 
 bnb = pytest.importorskip("bitsandbytes")
 LORA = ["lora.r=8", "lora.alpha=16"]
@@ -22,8 +23,9 @@ LORA = ["lora.r=8", "lora.alpha=16"]
 
 def cfg_for(tmp_path, tune="qlora", extra=(), recipe="share"):
     stages = ("pretrain", "share", "finetune") if recipe == "share" else ("pretrain", "finetune")
-    cfg, sources = resolve("toy", recipe, TINY + tiny_stages(stages) + LORA + list(extra), tune=tune,
-                           output_dir=str(tmp_path / "run"))
+    cfg, sources = resolve(
+        "toy", recipe, TINY + tiny_stages(stages) + LORA + list(extra), tune=tune, output_dir=str(tmp_path / "run")
+    )
     return cfg, sources
 
 
@@ -40,8 +42,9 @@ def batch(processor):
     enc = processor.encode([("human", "<image>\nWhat color is the circle?"), ("gpt", "red")], num_images=1)
     ids = torch.tensor([enc.input_ids])
     pixels = processor.image_processor(Image.new("RGB", (32, 32), (200, 20, 20)))[None]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                labels=torch.tensor([enc.labels]))
+    return dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=torch.tensor([enc.labels])
+    )
 
 
 def test_qlora_quantizes_the_llm_decoder_only(tmp_path):
@@ -69,8 +72,7 @@ def test_one_step_changes_exactly_the_trainable_parameters(tmp_path, tune):
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     # adapters, the connector, and the toy's head (trained beside the adapters: model_zoo.yaml)
-    assert trainable and all("lora_" in n or n.startswith("connector.") or "modules_to_save" in n
-                             for n in trainable)
+    assert trainable and all("lora_" in n or n.startswith("connector.") or "modules_to_save" in n for n in trainable)
     assert any(n.startswith("vision.") for n in trainable) and any(n.startswith("llm.") for n in trainable)
     before = {n: p.detach().clone() for n, p in named.items()}
     opt = torch.optim.AdamW(param_groups(model, cfg.stages["share"]), lr=1e-2)
@@ -86,8 +88,9 @@ def test_one_step_changes_exactly_the_trainable_parameters(tmp_path, tune):
 
 
 def test_lora_settings_take_effect(tmp_path):
-    model, _, _ = prepared(tmp_path, tune="lora", extra=["lora.r=4", "lora.alpha=12", "lora.dropout=0.25",
-                                                          "lora.targets=[q_proj, v_proj]"])
+    model, _, _ = prepared(
+        tmp_path, tune="lora", extra=["lora.r=4", "lora.alpha=12", "lora.dropout=0.25", "lora.targets=[q_proj, v_proj]"]
+    )
     layers = {n: m for n, m in model.llm.named_modules() if hasattr(m, "lora_A")}
     assert sorted({n.rsplit(".", 1)[-1] for n in layers}) == ["q_proj", "v_proj"]
     q = next(m for n, m in layers.items() if n.endswith("q_proj"))
@@ -185,8 +188,9 @@ def test_bitsandbytes_optimizers(name):
 def qlora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qlora")
     rates = [f"stages.{stage}.{key}=3e-3" for stage in ("share", "finetune") for key in ("lr", "llm_lr")]
-    cfg, sources = resolve("toy", "share", TINY + tiny_stages(steps=6) + LORA + rates, tune="qlora",
-                           output_dir=str(tmp / "run"))
+    cfg, sources = resolve(
+        "toy", "share", TINY + tiny_stages(steps=6) + LORA + rates, tune="qlora", output_dir=str(tmp / "run")
+    )
     result = train(cfg, sources, evaluate=False)
     return tmp / "run", result
 
@@ -245,9 +249,24 @@ def test_chat_load_4bit_on_a_full_checkpoint(qlora_run):
     img = next((run / "data" / "shapes" / "images").glob("eval-*.png"))
     model, _ = load(run / "pretrain" / "final", load_4bit=True)
     assert isinstance(model.llm.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    out = subprocess.run([sys.executable, "-m", "tinylmm.cli.app", "chat", str(run / "pretrain" / "final"),
-                          "--load-4bit", "--image", str(img), "--max-new-tokens", "3", "What color?"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinylmm.cli.app",
+            "chat",
+            str(run / "pretrain" / "final"),
+            "--load-4bit",
+            "--image",
+            str(img),
+            "--max-new-tokens",
+            "3",
+            "What color?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()
 
@@ -255,8 +274,12 @@ def test_chat_load_4bit_on_a_full_checkpoint(qlora_run):
 def test_train_optimizer_option_reaches_the_run(tmp_path):
     losses = {}
     for name in ("adamw", "adamw_8bit"):
-        cfg, sources = resolve("toy", "base", TINY + tiny_stages(("pretrain", "finetune"), steps=3)
-                               + [f"train.optimizer={name}"], output_dir=str(tmp_path / name))
+        cfg, sources = resolve(
+            "toy",
+            "base",
+            TINY + tiny_stages(("pretrain", "finetune"), steps=3) + [f"train.optimizer={name}"],
+            output_dir=str(tmp_path / name),
+        )
         losses[name] = train(cfg, sources, evaluate=False).losses["finetune"]
     assert losses["adamw"][0] == pytest.approx(losses["adamw_8bit"][0], abs=1e-4)  # before any step
     assert losses["adamw"][-1] != pytest.approx(losses["adamw_8bit"][-1], abs=1e-6)  # 8-bit states differ
@@ -283,20 +306,27 @@ def test_modules_to_save_train_in_full_and_are_saved(tmp_path):
 def test_an_llm_no_stage_trains_in_full_is_loaded_in_bf16_under_bf16(tmp_path):
     from safetensors import safe_open
 
-    cfg, sources = resolve("toy", "share", TINY + tiny_stages(steps=1) + LORA + ["train.precision=bf16"],
-                           tune="qlora", output_dir=str(tmp_path / "run"))
+    cfg, sources = resolve(
+        "toy",
+        "share",
+        TINY + tiny_stages(steps=1) + LORA + ["train.precision=bf16"],
+        tune="qlora",
+        output_dir=str(tmp_path / "run"),
+    )
     train(cfg, sources, evaluate=False)
     with safe_open(str(tmp_path / "run" / "share" / "llm-base" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # the base was written in bf16
 
 
 def test_train_warns_before_a_stage_that_will_not_fit(tmp_path, monkeypatch, capsys):
-    import tinylmm.train.loop as loop
     from rich.console import Console
 
+    import tinylmm.train.loop as loop
+
     monkeypatch.setattr(loop, "device_memory", lambda device: 2**20)  # a 1 MiB machine
-    cfg, sources = resolve("toy", "base", TINY + tiny_stages(("pretrain", "finetune"), steps=1),
-                           output_dir=str(tmp_path / "run"))
+    cfg, sources = resolve(
+        "toy", "base", TINY + tiny_stages(("pretrain", "finetune"), steps=1), output_dir=str(tmp_path / "run")
+    )
     train(cfg, sources, evaluate=False, console=Console(stderr=True, width=400))
     err = capsys.readouterr().err
     assert "memory plan (cpu, budget 1.0 MiB)" in err

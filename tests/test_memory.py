@@ -7,23 +7,37 @@ import sys
 import pytest
 import torch
 
-from tinylmm.config import ConfigError, LLMSpec, VisionSpec, resolve
 from tinylmm import memory as mem
+from tinylmm.config import ConfigError, LLMSpec, VisionSpec, resolve
 from tinylmm.train import measure
 
 MiB = 2**20
 
 # A mid-size model: realistic ratios (hidden 512, GQA, vocab 4096, 49 patches), seconds on a CPU.
-LLAMA_MID = ("model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
-             "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
-             "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
-SIGLIP_MID = ("model.vision.config={model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, "
-              "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}")
+LLAMA_MID = (
+    "model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
+    "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
+    "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
+SIGLIP_MID = (
+    "model.vision.config={model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, "
+    "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}"
+)
 MID = [LLAMA_MID, SIGLIP_MID]
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 688,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "pad_token_id": 3}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
 
 
 def arch(hub_id: str) -> dict:
@@ -33,10 +47,13 @@ def arch(hub_id: str) -> dict:
 # --------------------------------------------------------------------------- parameter counts
 
 
-@pytest.mark.parametrize("hub_id, expected", [
-    ("microsoft/phi-2", 2_779_683_840),  # the issue
-    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1_100_048_384),  # the issue
-])
+@pytest.mark.parametrize(
+    "hub_id, expected",
+    [
+        ("microsoft/phi-2", 2_779_683_840),  # the issue
+        ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1_100_048_384),  # the issue
+    ],
+)
 def test_llm_parameter_counts_equal_the_published_ones(hub_id, expected):
     assert mem.count_llm_parameters(arch(hub_id)) == expected
 
@@ -87,24 +104,30 @@ def test_every_embedded_config_builds_and_unknown_ids_fail_clearly(tmp_path):
         mem.arch_config(LLMSpec(name_or_path="nobody/model"), "llm")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": {"hidden_size": 64}}))
     assert mem.arch_config(VisionSpec(name_or_path=str(tmp_path)), "vision") == {
-        "hidden_size": 64, "model_type": "siglip_vision_model"}
+        "hidden_size": 64,
+        "model_type": "siglip_vision_model",
+    }
 
 
 # --------------------------------------------------------------------------- activations
 
 
 def estimate_saved(cfg, stage, B, S, precision, K):
-    acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, stage, seq_len=S, precision=precision, device="cpu",
-                                 logit_positions=K)
+    acts = mem.stage_activations(
+        mem.build_meta(cfg.model), cfg, stage, seq_len=S, precision=precision, device="cpu", logit_positions=K
+    )
     return sum(acts.saved(B, False).values()), sum(acts.saved(B, True).values())
 
 
-@pytest.mark.parametrize("preset, stage, B, S, precision", [
-    ("toy", "pretrain", 8, 256, "fp32"),  # frozen LLM that gradients flow through
-    ("toy", "share", 8, 256, "fp32"),  # everything trains
-    ("mid", "finetune", 2, 320, "fp32"),  # frozen tower, LLM with GQA trains
-    ("mid", "share", 2, 320, "bf16"),  # autocast, frozen weights stored in bf16
-])
+@pytest.mark.parametrize(
+    "preset, stage, B, S, precision",
+    [
+        ("toy", "pretrain", 8, 256, "fp32"),  # frozen LLM that gradients flow through
+        ("toy", "share", 8, 256, "fp32"),  # everything trains
+        ("mid", "finetune", 2, 320, "fp32"),  # frozen tower, LLM with GQA trains
+        ("mid", "share", 2, 320, "bf16"),  # autocast, frozen weights stored in bf16
+    ],
+)
 def test_activation_estimate_matches_bytes_saved_for_backward(preset, stage, B, S, precision, tmp_path):
     cfg, _ = resolve("toy", "share", (MID if preset == "mid" else []) + [f"train.precision={precision}"])
     model = measure.stage_model(cfg, stage, tmp_path, precision)
@@ -131,13 +154,20 @@ def test_the_lm_head_and_loss_scale_with_the_logit_positions():
         mem.plan_run(cfg, seq_len=320, logit_positions=320)
 
 
-@pytest.mark.parametrize("preset, stage, precision, gc, B, S", [
-    ("toy", "share", "fp32", False, 4, 128),  # peaks as the loss's backward starts
-    ("mid", "share", "fp32", True, 2, 192),  # peaks in the backward of a recomputed layer
-])
+@pytest.mark.parametrize(
+    "preset, stage, precision, gc, B, S",
+    [
+        ("toy", "share", "fp32", False, 4, 128),  # peaks as the loss's backward starts
+        ("mid", "share", "fp32", True, 2, 192),  # peaks in the backward of a recomputed layer
+    ],
+)
 def test_planned_total_matches_the_peak_of_a_training_step(preset, stage, precision, gc, B, S, tmp_path):
-    cfg, _ = resolve("toy", "share", (MID if preset == "mid" else []) +
-                     [f"train.precision={precision}", f"train.gradient_checkpointing={str(gc).lower()}"])
+    cfg, _ = resolve(
+        "toy",
+        "share",
+        (MID if preset == "mid" else [])
+        + [f"train.precision={precision}", f"train.gradient_checkpointing={str(gc).lower()}"],
+    )
     peak, K = measure.measure_peak(cfg, stage, B, S, tmp_path)
     plan = mem.plan_run(cfg, seq_len=S, micro_batch=B, device="cpu", logit_positions=K)
     planned = next(s for s in plan.stages if s.name == stage)
@@ -163,8 +193,7 @@ def test_weights_gradients_and_optimizer_states_match_tensor_bytes(stage, precis
 
     by_dtype, grads, states = measure.measure_storage(model, opt, step)
     rows = next(s for s in mem.plan_run(cfg, device="cpu").stages if s.name == stage).breakdown
-    assert rows["weights: fp32 (trainable)"] == by_dtype.pop(torch.float32) - (
-        rows.get("weights: fp32 (frozen)", 0))
+    assert rows["weights: fp32 (trainable)"] == by_dtype.pop(torch.float32) - (rows.get("weights: fp32 (frozen)", 0))
     assert rows.get("weights: bf16 (frozen)", 0) == by_dtype.pop(torch.bfloat16, 0)
     assert not by_dtype
     assert rows["gradients (fp32)"] == grads
@@ -192,8 +221,12 @@ def test_lora_and_qlora_llm_storage_matches_tensor_bytes(mode, optimizer, tiny_l
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if mode == "qlora":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         llm = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, quantization_config=q, dtype=torch.bfloat16)
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     else:
@@ -210,9 +243,18 @@ def test_lora_and_qlora_llm_storage_matches_tensor_bytes(mode, optimizer, tiny_l
     by_dtype, grads, states = measure.measure_storage(llm, opt, step)
     lora = sum(p.nbytes for n, p in llm.named_parameters() if "lora_" in n)
 
-    cfg, _ = resolve("toy", "share", ["model.llm.config=" + json.dumps(TINY_LLAMA), "lora.r=16",
-                                      "lora.modules_to_save=[]", f"stages.finetune.tune.llm={mode}",
-                                      f"train.optimizer={optimizer}", "train.precision=bf16"])
+    cfg, _ = resolve(
+        "toy",
+        "share",
+        [
+            "model.llm.config=" + json.dumps(TINY_LLAMA),
+            "lora.r=16",
+            "lora.modules_to_save=[]",
+            f"stages.finetune.tune.llm={mode}",
+            f"train.optimizer={optimizer}",
+            "train.precision=bf16",
+        ],
+    )
     meta = mem.build_meta(cfg.model)
     rows = mem.stage_storage(meta, cfg, "finetune", "bf16", device="cpu").by_component["llm"]
     assert rows["LoRA adapters (fp32)"] == lora
@@ -234,8 +276,12 @@ def test_trainability_mirrors_the_training_plan():
     from tinylmm.models import build_model
     from tinylmm.trainability import apply as apply_plan
 
-    for overrides, stage in [([], "pretrain"), ([], "share"), (["stages.finetune.tune.llm=partial:-1"], "finetune"),
-                             (["stages.share.tune.vision=partial:50%"], "share")]:
+    for overrides, stage in [
+        ([], "pretrain"),
+        ([], "share"),
+        (["stages.finetune.tune.llm=partial:-1"], "finetune"),
+        (["stages.share.tune.vision=partial:50%"], "share"),
+    ]:
         cfg, _ = resolve("toy", "share", overrides)
         model, _ = build_model(cfg.model)
         apply_plan(model, cfg.stages[stage])
@@ -271,8 +317,9 @@ def test_plan_run_api_and_warning():
     assert gpu.precision == "bf16" and gpu.breakdown["CUDA context + allocator slack"] >= mem.CUDA_CONTEXT_BYTES
 
 
-@pytest.mark.parametrize("preset", ["tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b",
-                                    "tinyllava-tinyllama-siglip-1.5b"])
+@pytest.mark.parametrize(
+    "preset", ["tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b", "tinyllava-tinyllama-siglip-1.5b"]
+)
 @pytest.mark.parametrize("recipe", ["base", "share"])
 def test_every_tinyllava_stage_fits_24gb_with_the_shipped_settings(preset, recipe):
     for tune in ("qlora", "lora"):
@@ -286,8 +333,16 @@ def test_every_tinyllava_stage_fits_24gb_with_the_shipped_settings(preset, recip
         assert not mem.plan_run(resolve(preset, recipe)[0], seq_len=2048).stages[-1].fits
 
 
-@pytest.mark.parametrize("text, expected", [("24GB", 24 * 2**30), ("16GiB", 16 * 2**30), ("12000MB", 12000 * 2**20),
-                                            ("1.5 gb", int(1.5 * 2**30)), ("512", 512)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24GB", 24 * 2**30),
+        ("16GiB", 16 * 2**30),
+        ("12000MB", 12000 * 2**20),
+        ("1.5 gb", int(1.5 * 2**30)),
+        ("512", 512),
+    ],
+)
 def test_parse_size(text, expected):
     assert mem.parse_size(text) == expected
 
@@ -315,25 +370,39 @@ def test_cli_plan_json_and_tables(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--device", "cpu", "--json")
     data = json.loads(out)
     assert code == 0 and data["fits"] and [s["name"] for s in data["stages"]] == ["pretrain", "share", "finetune"]
-    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--preset", "tinyllava-phi2-siglip-3.1b", "--recipe", "share",
-                           "--tune", "qlora")
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "plan", "--preset", "tinyllava-phi2-siglip-3.1b", "--recipe", "share", "--tune", "qlora"
+    )
     assert code == 0 and "every stage fits" in out and "NF4 + scales" in out and "activations: LLM" in out
     assert "LM head at 1319" in out and "every text position" in out  # 2048 - 729 visual tokens
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--device", "cpu", "--json", "--logit-positions", "10")
     assert code == 0 and {s["logit_positions"] for s in json.loads(out)["stages"]} == {10}
-    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--device", "cpu", "--budget", "100MB", "--micro-batch", "16",
-                           "stages.share.max_len=128")
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "plan",
+        "--device",
+        "cpu",
+        "--budget",
+        "100MB",
+        "--micro-batch",
+        "16",
+        "stages.share.max_len=128",
+    )
     assert code == 0 and "over budget" in out and "some stages do not fit" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "toi"], "did you mean 'toy'"),
-    (["--recipe", "shar"], "did you mean 'share'"),
-    (["--budget", "lots"], "is not a size such as 24GB"),
-    (["--tune", "qlorra"], "did you mean 'qlora'"),
-    (["--device", "tpu"], "not one of cuda, cpu"),
-    (["stages.finetune.lrr=1"], "did you mean 'lr'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "toi"], "did you mean 'toy'"),
+        (["--recipe", "shar"], "did you mean 'share'"),
+        (["--budget", "lots"], "is not a size such as 24GB"),
+        (["--tune", "qlorra"], "did you mean 'qlora'"),
+        (["--device", "tpu"], "not one of cuda, cpu"),
+        (["stages.finetune.lrr=1"], "did you mean 'lr'"),
+    ],
+)
 def test_cli_plan_errors_exit_2_with_one_clear_line(args, message, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "plan", *args)
     assert code == 2 and message in err and "Traceback" not in err
@@ -351,25 +420,40 @@ def test_help_lists_plan(monkeypatch, capsys):
 
 # published at 140 px, fed 112 (8 x 8 patches + CLS) as DINOv2-L at 518 is fed 224; a small
 # LayerScale as DINOv2's own initialisation
-DINOV2_MID = ["model.vision.config={model_type: dinov2, hidden_size: 384, num_hidden_layers: 4, "
-              "num_attention_heads: 6, image_size: 140, patch_size: 14, layerscale_value: 1.0e-5}",
-              "model.vision.image_size=112"]
+DINOV2_MID = [
+    "model.vision.config={model_type: dinov2, hidden_size: 384, num_hidden_layers: 4, "
+    "num_attention_heads: 6, image_size: 140, patch_size: 14, layerscale_value: 1.0e-5}",
+    "model.vision.image_size=112",
+]
 
 
-@pytest.mark.parametrize("stage, tune, precision", [
-    ("share", "full", "fp32"),  # trainable layer scales keep their inputs
-    ("share", "full", "bf16"),  # fp32 scales on bf16 branches: the products are fp32
-    ("share", "lora", "fp32"),
-    ("finetune", "frozen", "fp32"),  # the frozen tower saves nothing
-])
+@pytest.mark.parametrize(
+    "stage, tune, precision",
+    [
+        ("share", "full", "fp32"),  # trainable layer scales keep their inputs
+        ("share", "full", "bf16"),  # fp32 scales on bf16 branches: the products are fp32
+        ("share", "lora", "fp32"),
+        ("finetune", "frozen", "fp32"),  # the frozen tower saves nothing
+    ],
+)
 def test_dinov2_activation_estimate_matches_bytes_saved_for_backward(stage, tune, precision, tmp_path):
-    cfg, _ = resolve("toy", "share", [LLAMA_MID, *DINOV2_MID, f"stages.share.tune.vision={tune}", "lora.r=8",
-                                      f"train.precision={precision}"])
+    cfg, _ = resolve(
+        "toy",
+        "share",
+        [LLAMA_MID, *DINOV2_MID, f"stages.share.tune.vision={tune}", "lora.r=8", f"train.precision={precision}"],
+    )
     model = measure.stage_model(cfg, stage, tmp_path, precision)
     batch = measure.make_batch(model, 2, 320)
     plain, ckpt = measure.measure_saved(model, batch, precision)
-    acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, stage, seq_len=320, precision=precision,
-                                 device="cpu", logit_positions=measure.logit_positions(batch))
+    acts = mem.stage_activations(
+        mem.build_meta(cfg.model),
+        cfg,
+        stage,
+        seq_len=320,
+        precision=precision,
+        device="cpu",
+        logit_positions=measure.logit_positions(batch),
+    )
     assert acts.vision_tokens == 65 and acts.llm_tokens == 320
     assert sum(acts.saved(2, False).values()) == pytest.approx(plain, rel=0.01)
     assert sum(acts.saved(2, True).values()) == pytest.approx(ckpt, rel=0.01)

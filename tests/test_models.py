@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
-from tinylmm.models.connectors import CONNECTORS, build_connector
 from tinylmm.models import build_model, load
+from tinylmm.models.connectors import CONNECTORS, build_connector
 from tinylmm.models.loading import ModelNotFoundError
 from tinylmm.models.vision import build_vision
 
@@ -16,21 +16,48 @@ LLMS = {
     "phi": dict(model_type="phi", num_key_value_heads=2, partial_rotary_factor=0.5),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=1),
 }
-SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-              num_attention_heads=2, image_size=32, patch_size=8)
+SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 CLIP = dict(SIGLIP, model_type="clip_vision_model")
 # published at 40 px (5 x 5 patches), fed 24 px (3 x 3) as DINOv2-L at 518 is fed 224; a layer
 # scale other than 1 so that a missing LayerScale would show
-DINOV2 = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=40,
-              patch_size=8, layerscale_value=0.5)
+DINOV2 = dict(
+    model_type="dinov2",
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=40,
+    patch_size=8,
+    layerscale_value=0.5,
+)
 
 
 def spec(llm="llama", vision=SIGLIP, connector="mlp2x_gelu", **conn):
-    cfg = dict(vocab_size=520, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-               pad_token_id=3, **LLMS[llm])
-    return ModelSpec(llm=LLMSpec(config=cfg, tokenizer=TOK), vision=VisionSpec(config=dict(vision)),
-                     connector=ConnectorSpec(type=connector, **conn), template="llama")
+    cfg = dict(
+        vocab_size=520,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **LLMS[llm],
+    )
+    return ModelSpec(
+        llm=LLMSpec(config=cfg, tokenizer=TOK),
+        vision=VisionSpec(config=dict(vision)),
+        connector=ConnectorSpec(type=connector, **conn),
+        template="llama",
+    )
 
 
 @pytest.mark.parametrize("vision, has_cls", [(SIGLIP, False), (CLIP, True)])
@@ -68,7 +95,9 @@ def test_dinov2_features_are_the_full_models_hidden_states_at_the_input_size(lay
     # the cut tower is a part of the full model: the final layernorm and mask_token are gone
     dropped = {k for k in full.state_dict() if k not in tower.model.state_dict()}
     assert {"embeddings.mask_token", "layernorm.weight", "layernorm.bias"} <= dropped
-    assert tower.model.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped}).missing_keys == []
+    assert (
+        tower.model.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped}).missing_keys == []
+    )
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         want = full(pixel_values=x, output_hidden_states=True).hidden_states[layer]
@@ -89,8 +118,12 @@ def test_dinov2_every_parameter_gets_a_gradient_and_the_tower_saves_and_loads(tm
     img = Image.new("RGB", (40, 30), (200, 10, 10))
     enc = proc.encode([("human", "<image>\nWhat color?"), ("gpt", "red")], num_images=1)
     ids = torch.tensor([enc.input_ids])
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([enc.labels]),
-          pixel_values=proc.image_processor(img)[None]).loss.backward()
+    model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=torch.tensor([enc.labels]),
+        pixel_values=proc.image_processor(img)[None],
+    ).loss.backward()
     # cls_token, the position embeddings (through their interpolation), the layer scales: no
     # parameter of the tower idles (DDP's unused-parameter rule)
     idle = [n for n, p in model.vision.named_parameters() if p.grad is None or not p.grad.abs().sum()]
@@ -103,10 +136,13 @@ def test_dinov2_every_parameter_gets_a_gradient_and_the_tower_saves_and_loads(tm
         torch.testing.assert_close(again(**prompt).logits, model.eval()(**prompt).logits)
 
 
-@pytest.mark.parametrize("vision, size, message", [
-    (DINOV2, 20, "image_size=20 is not a multiple of the tower's patch size 8 \\(e.g. 16\\)"),
-    (SIGLIP, 24, "a siglip_vision_model tower takes its own 32 px; only dinov2"),
-])
+@pytest.mark.parametrize(
+    "vision, size, message",
+    [
+        (DINOV2, 20, "image_size=20 is not a multiple of the tower's patch size 8 \\(e.g. 16\\)"),
+        (SIGLIP, 24, "a siglip_vision_model tower takes its own 32 px; only dinov2"),
+    ],
+)
 def test_an_input_size_the_tower_cannot_take_is_a_clear_error(vision, size, message):
     with pytest.raises(ConfigError, match=message):
         build_vision(VisionSpec(config=dict(vision), image_size=size))
@@ -139,12 +175,21 @@ def test_forward_backward_generate_save_load(llm, connector, tmp_path):
     options = dict(num_queries=6, num_heads=4) if connector == "resampler" else {}
     model, proc = build_model(spec(llm, connector=connector, **options))
     img = Image.new("RGB", (40, 30), (200, 10, 10))
-    turns = [("human", "<image>\nWhat color is the circle?"), ("gpt", "red"), ("human", "And the shape?"), ("gpt", "circle")]
+    turns = [
+        ("human", "<image>\nWhat color is the circle?"),
+        ("gpt", "red"),
+        ("human", "And the shape?"),
+        ("gpt", "circle"),
+    ]
     enc = proc.encode(turns, num_images=1)
     assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens
     ids = torch.tensor([enc.input_ids])
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([enc.labels]),
-                 pixel_values=proc.image_processor(img)[None])
+    batch = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=torch.tensor([enc.labels]),
+        pixel_values=proc.image_processor(img)[None],
+    )
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -179,7 +224,9 @@ def test_text_only_sample_and_mixed_batch():
 def test_missing_weights_fail_fast_with_the_name(tmp_path):
     import time
 
-    s = ModelSpec(llm=LLMSpec(name_or_path="nobody/no-such-llm"), vision=VisionSpec(name_or_path=str(tmp_path / "nothere")))
+    s = ModelSpec(
+        llm=LLMSpec(name_or_path="nobody/no-such-llm"), vision=VisionSpec(name_or_path=str(tmp_path / "nothere"))
+    )
     t = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match="nobody/no-such-llm") as err:
         build_model(s)
@@ -206,8 +253,10 @@ def test_loss_on_supervised_positions_equals_the_loss_over_all_logits():
     from PIL import Image
 
     model, proc = build_model(spec())
-    convs = [[("human", "<image>\nWhat color?"), ("gpt", "red")],
-             [("human", "<image>\nHow many shapes are there in the picture?"), ("gpt", "three shapes")]]
+    convs = [
+        [("human", "<image>\nWhat color?"), ("gpt", "red")],
+        [("human", "<image>\nHow many shapes are there in the picture?"), ("gpt", "three shapes")],
+    ]
     encs = [proc.encode(c, num_images=1) for c in convs]
     n = max(len(e.input_ids) for e in encs)
     ids = torch.tensor([e.input_ids + [0] * (n - len(e.input_ids)) for e in encs])

@@ -23,19 +23,40 @@ def local_parts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("local")
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    )
     llm.save_pretrained(root / "llm")
     AutoTokenizer.from_pretrained(str(asset("toy-tokenizer"))).save_pretrained(root / "llm")
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(root / "vision")
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(root / "vision")
     return root, llm
 
 
 def test_llm_and_vision_flags_load_the_parts_from_directories(local_parts):
     root, llm = local_parts
-    cfg, sources = resolve("tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(root / "vision"))
+    cfg, sources = resolve(
+        "tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(root / "vision")
+    )
     assert cfg.model.llm.name_or_path == cfg.model.llm.tokenizer == str(root / "llm")
     assert cfg.model.vision.name_or_path == str(root / "vision")
     assert sources["model.llm.name_or_path"] == "cli --llm" and sources["model.vision.name_or_path"] == "cli --vision"
@@ -61,16 +82,37 @@ def test_an_override_still_wins_over_a_flag(local_parts):
 def test_cli_trains_from_local_directories_and_a_missing_one_fails_fast(local_parts, tmp_path):
     root, _ = local_parts
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = [sys.executable, "-m", "tinylmm.cli.app", "train", "--preset", "tinyllava-tinyllama-siglip-1.5b",
-           "--llm", str(root / "llm"), "--vision", str(root / "vision"), "--no-eval", "-o", str(tmp_path / "run"),
-           *[o for o in TINY if not o.startswith("model.")], *tiny_stages(steps=1), "stages.pretrain.data={shapes: caption}",
-           "stages.share.data={shapes: caption}", "stages.finetune.data={shapes: instruct}",
-           "stages.share.tune.vision=partial:-1"]
+    run = [
+        sys.executable,
+        "-m",
+        "tinylmm.cli.app",
+        "train",
+        "--preset",
+        "tinyllava-tinyllama-siglip-1.5b",
+        "--llm",
+        str(root / "llm"),
+        "--vision",
+        str(root / "vision"),
+        "--no-eval",
+        "-o",
+        str(tmp_path / "run"),
+        *[o for o in TINY if not o.startswith("model.")],
+        *tiny_stages(steps=1),
+        "stages.pretrain.data={shapes: caption}",
+        "stages.share.data={shapes: caption}",
+        "stages.finetune.data={shapes: instruct}",
+        "stages.share.tune.vision=partial:-1",
+    ]
     out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "finetune" / "final" / "tinylmm.json").exists()
-    missing = subprocess.run(run[:6] + ["--llm", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x")],
-                             capture_output=True, text=True, env=env, timeout=120)
+    missing = subprocess.run(
+        run[:6] + ["--llm", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nothing-here" in missing.stderr and "--llm DIR" in missing.stderr
 
 
@@ -83,7 +125,9 @@ def test_resume_refuses_part_flags(tmp_path):
 
 def test_missing_local_part_names_the_path(local_parts, tmp_path):
     root, _ = local_parts
-    cfg, _ = resolve("tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(tmp_path / "no-tower"))
+    cfg, _ = resolve(
+        "tinyllava-tinyllama-siglip-1.5b", "share", llm=str(root / "llm"), vision=str(tmp_path / "no-tower")
+    )
     with pytest.raises(ModelNotFoundError, match="no-tower"):
         build_model(cfg.model)
 

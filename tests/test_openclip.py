@@ -16,22 +16,33 @@ from conftest import require_openclip
 
 open_clip = require_openclip()
 
-import tiny_openclip  # noqa: E402,F401 - registers the tiny towers
+from tinylmm import memory as mem  # noqa: E402
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec, resolve  # noqa: E402
+from tinylmm.data.processor import ImageProcessor  # noqa: E402
 from tinylmm.models import build_model, load  # noqa: E402
 from tinylmm.models.loading import ModelNotFoundError  # noqa: E402
 from tinylmm.models.vision.openclip import OpenCLIPTower, build_openclip, visual_parameter_count  # noqa: E402
-from tinylmm.data.processor import ImageProcessor  # noqa: E402
-from tinylmm import memory as mem  # noqa: E402
 from tinylmm.train import measure  # noqa: E402
+
+import tiny_openclip  # noqa: E402,F401 - registers the tiny towers
 
 MiB = 2**20
 
 # name -> prefix tokens (class token, registers)
 TOWERS = {"tinylmm-test-siglip": 0, "tinylmm-test-clip": 1, "tinylmm-test-reg": 3}
-LLM = dict(model_type="llama", vocab_size=520, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-           eos_token_id=2, pad_token_id=3)
+LLM = dict(
+    model_type="llama",
+    vocab_size=520,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 
 
 def vision(name, **kw) -> VisionSpec:
@@ -39,8 +50,12 @@ def vision(name, **kw) -> VisionSpec:
 
 
 def spec(name="tinylmm-test-siglip", **kw) -> ModelSpec:
-    return ModelSpec(llm=LLMSpec(config=dict(LLM), tokenizer="builtin:toy"), vision=vision(name, **kw),
-                     connector=ConnectorSpec(type="mlp2x_gelu"), template="llama")
+    return ModelSpec(
+        llm=LLMSpec(config=dict(LLM), tokenizer="builtin:toy"),
+        vision=vision(name, **kw),
+        connector=ConnectorSpec(type="mlp2x_gelu"),
+        template="llama",
+    )
 
 
 # --------------------------------------------------------------------------- the tower
@@ -77,23 +92,30 @@ def test_features_are_the_full_towers_block_output(name, layer, select):
 
 
 def test_unknown_names_and_bad_specs_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown open_clip model 'ViT-SO400M-14-SigLIP-348'.*did you mean "
-                                          "'ViT-SO400M-14-SigLIP-3"):
+    with pytest.raises(
+        ConfigError, match="unknown open_clip model 'ViT-SO400M-14-SigLIP-348'.*did you mean 'ViT-SO400M-14-SigLIP-3"
+    ):
         build_openclip(vision("ViT-SO400M-14-SigLIP-348"))
     with pytest.raises(ConfigError, match="not a ViT"):
         build_openclip(vision("RN50"), device="meta")
     with pytest.raises(ConfigError, match="feature_layer=-5 is outside the tower's 3 layers"):
         build_openclip(vision("tinylmm-test-clip", feature_layer=-5))
-    with pytest.raises(ConfigError, match="not a pretrained tag of open_clip's 'ViT-SO400M-14-SigLIP-384' "
-                                          r"\(did you mean 'webli'\?\); its tags: webli"):
+    with pytest.raises(
+        ConfigError,
+        match="not a pretrained tag of open_clip's 'ViT-SO400M-14-SigLIP-384' "
+        r"\(did you mean 'webli'\?\); its tags: webli",
+    ):
         build_openclip(vision("ViT-SO400M-14-SigLIP-384", pretrained="webly"))
     with pytest.raises(ConfigError, match="trained with QuickGELU.*open_clip:ViT-L-14-336-quickgelu"):
         build_openclip(vision("ViT-L-14-336", pretrained="openai"))
     with pytest.raises(ConfigError, match="no file or directory"):
         build_openclip(vision("tinylmm-test-clip", pretrained=str(tmp_path / "missing.safetensors")))
     # offline, not in the cache: one message with the repo and the fix, fast
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download timm/ViT-SO400M-14-SigLIP-384 "
-                                                 "--local-dir DIR, then model.vision.pretrained=DIR"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match="huggingface-cli download timm/ViT-SO400M-14-SigLIP-384 "
+        "--local-dir DIR, then model.vision.pretrained=DIR",
+    ):
         build_openclip(vision("ViT-SO400M-14-SigLIP-384", pretrained="webli"))
     with pytest.raises(ConfigError, match="pretrained names the weights of an open_clip tower"):
         resolve("toy", "share", ["model.vision.pretrained=webli"])
@@ -109,8 +131,11 @@ def test_without_open_clip_the_cli_says_what_to_install(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
     # feature layer -3: a spec the planner has not built (and cached) yet
-    monkeypatch.setattr(sys, "argv", ["tinylmm", "plan", "--preset", "tinyllava-phi2-openclip-siglip-3.1b",
-                                      "model.vision.feature_layer=-3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["tinylmm", "plan", "--preset", "tinyllava-phi2-openclip-siglip-3.1b", "model.vision.feature_layer=-3"],
+    )
     assert run_cli(app) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "needs open_clip_torch and torchvision: pip install 'tinylmm[openclip]'" in err and "Traceback" not in err
@@ -133,9 +158,14 @@ def test_pretrained_weights_from_a_file(visual_only, tmp_path):
     for k, v in tower.model.state_dict().items():
         torch.testing.assert_close(v, want[k])
     # a bare file gets open_clip's default preprocessing, as open_clip.create_model(name, pretrained=FILE)
-    assert tower.config.preprocess == {"size": 32, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                                       "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
-                                       "resize_mode": "shortest", "fill_color": 0}
+    assert tower.config.preprocess == {
+        "size": 32,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        "fill_color": 0,
+    }
     _open_clip_checkpoint("tinylmm-test-siglip", tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="does not fit the image tower"):
         build_openclip(vision("tinylmm-test-clip", pretrained=str(tmp_path / "other.safetensors")))
@@ -143,16 +173,22 @@ def test_pretrained_weights_from_a_file(visual_only, tmp_path):
 
 def test_pretrained_directory_brings_its_preprocessing(tmp_path):
     want = _open_clip_checkpoint("tinylmm-test-siglip", tmp_path / "open_clip_model.safetensors")
-    config = {"model_cfg": open_clip.get_model_config("tinylmm-test-siglip"),
-              "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                                 "resize_mode": "squash"}}
+    config = {
+        "model_cfg": open_clip.get_model_config("tinylmm-test-siglip"),
+        "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "resize_mode": "squash"},
+    }
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
     model, proc = build_model(spec(pretrained=str(tmp_path), pad_to_square=False))
-    torch.testing.assert_close(model.vision.model.trunk.patch_embed.proj.weight,
-                               want["trunk.patch_embed.proj.weight"])
+    torch.testing.assert_close(model.vision.model.trunk.patch_embed.proj.weight, want["trunk.patch_embed.proj.weight"])
     ip = proc.image_processor
     assert (ip.size, ip.image_mean, ip.image_std, ip.resize, ip.interpolation, ip.pad_to_square) == (
-        32, [0.5] * 3, [0.5] * 3, "squash", "bilinear", False)
+        32,
+        [0.5] * 3,
+        [0.5] * 3,
+        "squash",
+        "bilinear",
+        False,
+    )
     config["model_cfg"]["vision_cfg"]["image_size"] = 64
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="describes another image tower"):
@@ -237,21 +273,34 @@ def test_preprocessing_equals_open_clips_transform(resize, interpolation):
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    ours = ImageProcessor(size=32, image_mean=mean, image_std=std, pad_to_square=False, resize=resize,
-                          interpolation=interpolation, fill=[7, 7, 7])
-    theirs = image_transform_v2(PreprocessCfg(size=32, mean=tuple(mean), std=tuple(std), interpolation=interpolation,
-                                              resize_mode=resize, fill_color=7), is_train=False)
+    ours = ImageProcessor(
+        size=32,
+        image_mean=mean,
+        image_std=std,
+        pad_to_square=False,
+        resize=resize,
+        interpolation=interpolation,
+        fill=[7, 7, 7],
+    )
+    theirs = image_transform_v2(
+        PreprocessCfg(
+            size=32, mean=tuple(mean), std=tuple(std), interpolation=interpolation, resize_mode=resize, fill_color=7
+        ),
+        is_train=False,
+    )
     for img in _images():
         torch.testing.assert_close(ours(img), theirs(img), atol=1e-5, rtol=0)
 
 
 def test_image_processor_files_old_and_new(tmp_path):
-    (tmp_path / "image_processor.json").write_text(json.dumps(
-        {"size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "pad_to_square": True}))
+    (tmp_path / "image_processor.json").write_text(
+        json.dumps({"size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "pad_to_square": True})
+    )
     old = ImageProcessor.load(tmp_path)  # written before resize / interpolation / fill existed
     assert (old.resize, old.interpolation, old.fill) == ("squash", "bicubic", [0, 0, 0])
-    (tmp_path / "image_processor.json").write_text(json.dumps({"size": 32, "image_mean": [0.5] * 3,
-                                                                "image_std": [0.5] * 3, "resise": "squash"}))
+    (tmp_path / "image_processor.json").write_text(
+        json.dumps({"size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resise": "squash"})
+    )
     with pytest.raises(ValueError, match="unknown key 'resise' \\(did you mean 'resize'\\?\\)"):
         ImageProcessor.load(tmp_path)
     with pytest.raises(ValueError, match="resize 'crop' is not one of squash, shortest, shortest_floor, longest"):
@@ -322,35 +371,53 @@ def test_zoo_shows_the_preprocessing_of_the_presets_weights_without_reading_them
 @pytest.mark.parametrize("name, block", [("ViT-M-16-alt", "ResidualAttentionBlock"), ("EVA02-B-16", "EvaBlock")])
 def test_the_planner_refuses_blocks_it_does_not_know(name, block):
     # layer scale (ViT-M-16-alt), EVA's rotary blocks: not modelled, so not guessed
-    cfg, _ = resolve("tinyllava-tinyllama-openclip-clip-1.3b", "share",
-                     [f"model.vision.name_or_path=open_clip:{name}", "model.vision.pretrained=null"])
+    cfg, _ = resolve(
+        "tinyllava-tinyllama-openclip-clip-1.3b",
+        "share",
+        [f"model.vision.name_or_path=open_clip:{name}", "model.vision.pretrained=null"],
+    )
     with pytest.raises(ConfigError, match=f"does not know the layer layout of {block}"):
         mem.plan_run(cfg)
 
 
-MID = ("model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
-       "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
-       "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}")
+MID = (
+    "model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
+    "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
+    "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
+)
 
 
-SIGLIP_MID = ("model.vision.config={model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, "
-              "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}")
+SIGLIP_MID = (
+    "model.vision.config={model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, "
+    "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}"
+)
 
 
-@pytest.mark.parametrize("tower", ["open_clip:tinylmm-test-siglip-mid", "open_clip:tinylmm-test-clip-mid",
-                                   "transformers"])
-@pytest.mark.parametrize("tune, precision", [("full", "fp32"), ("partial:2", "fp32"), ("full", "bf16"),
-                                             ("lora", "fp32")])
+@pytest.mark.parametrize(
+    "tower", ["open_clip:tinylmm-test-siglip-mid", "open_clip:tinylmm-test-clip-mid", "transformers"]
+)
+@pytest.mark.parametrize(
+    "tune, precision", [("full", "fp32"), ("partial:2", "fp32"), ("full", "bf16"), ("lora", "fp32")]
+)
 def test_activation_estimate_matches_bytes_saved_for_backward(tower, tune, precision, tmp_path):
     # the tower's share of a whole step is a few percent: it is held to the truth on its own
-    vision = [SIGLIP_MID] if tower == "transformers" else ["model.vision.config=null",
-                                                          f"model.vision.name_or_path={tower}"]
-    cfg, _ = resolve("toy", "share", [MID, *vision, f"stages.share.tune.vision={tune}", "lora.r=8",
-                                      f"train.precision={precision}"])
+    vision = (
+        [SIGLIP_MID] if tower == "transformers" else ["model.vision.config=null", f"model.vision.name_or_path={tower}"]
+    )
+    cfg, _ = resolve(
+        "toy", "share", [MID, *vision, f"stages.share.tune.vision={tune}", "lora.r=8", f"train.precision={precision}"]
+    )
     model = measure.stage_model(cfg, "share", tmp_path, precision)
     batch = measure.make_batch(model, 2, 320)
-    acts = mem.stage_activations(mem.build_meta(cfg.model), cfg, "share", seq_len=320, precision=precision,
-                                 device="cpu", logit_positions=measure.logit_positions(batch))
+    acts = mem.stage_activations(
+        mem.build_meta(cfg.model),
+        cfg,
+        "share",
+        seq_len=320,
+        precision=precision,
+        device="cpu",
+        logit_positions=measure.logit_positions(batch),
+    )
     v, tokens = acts.vision, acts.vision_tokens * 2
     plain, ckpt = measure.measure_tower_saved(model, batch["pixel_values"], precision)
     assert plain > 0
@@ -367,14 +434,17 @@ def test_activation_estimate_matches_bytes_saved_for_backward(tower, tune, preci
 
 
 def test_short_training_run_with_an_open_clip_tower(tmp_path):
-    from conftest import TINY, tiny_stages
     from tinylmm.api import train_run
 
-    tower = ["model.vision.config=null", "model.vision.name_or_path=open_clip:tinylmm-test-clip",
-             "train.gradient_checkpointing=true"]
+    from conftest import TINY, tiny_stages
+
+    tower = [
+        "model.vision.config=null",
+        "model.vision.name_or_path=open_clip:tinylmm-test-clip",
+        "train.gradient_checkpointing=true",
+    ]
     llm = [o for o in TINY if not o.startswith("model.vision.")]
-    result = train_run(overrides=llm + tower + tiny_stages(steps=2), output_dir=str(tmp_path / "run"),
-                       evaluate=False)
+    result = train_run(overrides=llm + tower + tiny_stages(steps=2), output_dir=str(tmp_path / "run"), evaluate=False)
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result.losses.values())
     final = tmp_path / "run" / "final"
     assert (final / "vision" / "open_clip.json").exists()

@@ -1,15 +1,14 @@
 """Every training option does what it says."""
 
-import math
-
 import pytest
 import torch
 
-from conftest import TINY, tiny_stages
 from tinylmm.config import ConfigError, resolve
 from tinylmm.train.loop import train
 from tinylmm.train.runtime import resolve_attention, resolve_precision
 from tinylmm.train.schedule import StageSteps, lr_lambda, micro_batches, step_indices
+
+from conftest import TINY, tiny_stages
 
 
 def test_schedules():
@@ -22,8 +21,9 @@ def test_schedules():
 
 
 def test_data_order_depends_on_seed_and_epoch_and_shards_by_rank():
-    plan = StageSteps(num_samples=20, global_batch=8, micro_batch=2, world_size=2, steps_per_epoch=2,
-                    total_steps=6, warmup_steps=0)
+    plan = StageSteps(
+        num_samples=20, global_batch=8, micro_batch=2, world_size=2, steps_per_epoch=2, total_steps=6, warmup_steps=0
+    )
     epoch0 = step_indices(plan, 0, seed=1) + step_indices(plan, 1, seed=1)
     assert len(set(epoch0)) == 16  # no sample twice within an epoch
     assert step_indices(plan, 2, seed=1) != step_indices(plan, 0, seed=1)  # reshuffled each epoch
@@ -46,8 +46,12 @@ def test_precision_and_attention_resolution():
 
 
 def run(tmp_path, name, extra, steps=2):
-    cfg, sources = resolve("toy", "base", TINY + tiny_stages(("pretrain", "finetune"), steps=steps) + extra,
-                           output_dir=str(tmp_path / name))
+    cfg, sources = resolve(
+        "toy",
+        "base",
+        TINY + tiny_stages(("pretrain", "finetune"), steps=steps) + extra,
+        output_dir=str(tmp_path / name),
+    )
     return train(cfg, sources, evaluate=False)
 
 
@@ -68,6 +72,7 @@ def test_gradient_checkpointing_attention_and_workers_keep_the_losses(tmp_path, 
     eager = run(tmp_path, "eager", ["train.attn_implementation=eager"])
     workers = run(tmp_path, "workers", ["train.num_workers=1"])
     m_base, m_ckpt, m_eager, _ = seen["models"]
+
     def checkpointed(m):
         return getattr(m, "is_activation_checkpointing", None) or m.is_gradient_checkpointing
 
@@ -89,8 +94,12 @@ def test_train_seed_changes_the_data_order(tmp_path):
 def test_per_stage_lr_warmup_and_max_steps_reach_the_optimizer(tmp_path):
     import json
 
-    res = run(tmp_path, "lr", ["stages.finetune.lr=4e-3", "stages.finetune.warmup_ratio=0.5",
-                               "stages.finetune.scheduler=constant"], steps=4)
+    res = run(
+        tmp_path,
+        "lr",
+        ["stages.finetune.lr=4e-3", "stages.finetune.warmup_ratio=0.5", "stages.finetune.scheduler=constant"],
+        steps=4,
+    )
     recs = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in recs if r["stage"] == "finetune"]
     assert lrs == pytest.approx([2e-3, 4e-3, 4e-3, 4e-3])  # warmup 2 of 4 steps, then constant

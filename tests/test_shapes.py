@@ -171,11 +171,12 @@ def test_caption_split_matches_images(data):
     for s in data["caption"]:
         human, gpt = s["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
-        assert human["value"][len("<image>\n"):] in shapes.CAPTION_PROMPTS
+        assert human["value"][len("<image>\n") :] in shapes.CAPTION_PROMPTS
         img = Image.open(data["images"] / s["image"])
         assert img.size == (64, 64)
-        mentioned = dict((cell, color) for color, _, cell in
-                         re.findall(r"an? (\w+) (\w+) at the ([a-z]+ [a-z]+)", gpt["value"]))
+        mentioned = dict(
+            (cell, color) for color, _, cell in re.findall(r"an? (\w+) (\w+) at the ([a-z]+ [a-z]+)", gpt["value"])
+        )
         got = {c: color_name(px) for c, px in cell_colors(img).items()}
         assert got == {c: mentioned.get(c) for c in CELLS}, gpt["value"]
 
@@ -240,8 +241,12 @@ def test_toy_tokenizer_specials_and_round_trip(tok):
     assert ids[-1] == tok.eos_token_id and tok.convert_ids_to_tokens(ids[-1]) == "</s>"
     assert tok("<s></s>", add_special_tokens=False)["input_ids"] == [1, 2]
     assert enc["offset_mapping"][0] == (0, 0) and enc["offset_mapping"][-1] == (len(text) - 4, len(text))
-    for t in [text.removesuffix("</s>"), "Héllo, wörld! 🙂\n\ttabs  and  spaces ", TINYLLAVA_SYSTEM,
-              "There are 2 shapes: a red circle at the top left and a blue square at the bottom right.\n"]:
+    for t in [
+        text.removesuffix("</s>"),
+        "Héllo, wörld! 🙂\n\ttabs  and  spaces ",
+        TINYLLAVA_SYSTEM,
+        "There are 2 shapes: a red circle at the top left and a blue square at the bottom right.\n",
+    ]:
         assert tok.decode(tok(t)["input_ids"], skip_special_tokens=True) == t
 
 
@@ -250,8 +255,13 @@ def test_toy_tokenizer_is_compact_on_shapes_text(tok):
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     assert n(TINYLLAVA_SYSTEM) <= 32
-    assert n("There are 3 shapes: an orange triangle at the top right, a purple circle at the bottom left "
-             "and a purple square at the bottom right.") <= 32
+    assert (
+        n(
+            "There are 3 shapes: an orange triangle at the top right, a purple circle at the bottom left "
+            "and a purple square at the bottom right."
+        )
+        <= 32
+    )
     assert n("What shape is the orange object?") <= 8
     for answers in CHOICES.values():  # answers follow "ASSISTANT: "; one token each, positions two
         for a in answers:

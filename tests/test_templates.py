@@ -10,24 +10,33 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import supervised_runs
-from tiny_tokenizers import FAMILIES, KINDS, QWEN25_SYSTEM, SMOLLM2_SYSTEM, family_tokenizer, make_tokenizer
 from tinylmm.config import ConfigError, resolve
 from tinylmm.data.llava import DataError, LlavaDataset
+from tinylmm.data.processor import ImageProcessor, Processor, SampleError
 from tinylmm.data.templates import (
-    IGNORE_INDEX, ChatTemplate, TemplateError, get_template, tokenize_pieces, tokenize_with_labels,
+    IGNORE_INDEX,
+    ChatTemplate,
+    TemplateError,
+    get_template,
+    tokenize_pieces,
+    tokenize_with_labels,
 )
 from tinylmm.models.generation import CallbackStreamer, chat_reply, generate_batch
-from tinylmm.data.processor import ImageProcessor, Processor, SampleError
+
+from conftest import supervised_runs
+from tiny_tokenizers import FAMILIES, KINDS, QWEN25_SYSTEM, SMOLLM2_SYSTEM, family_tokenizer, make_tokenizer
 
 IMAGES = ImageProcessor(size=8, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 N_IMG = 3  # positions per image
 # An answer that also occurs in a question, one that is a word of Gemma's role header
 # ("model"), and a multi-word one: answers are located, never searched for.
 CONV = [
-    ("human", "<image>\nIs the circle red or blue?"), ("gpt", "red"),
-    ("human", "Which word names the model?"), ("gpt", "model"),
-    ("human", "Where is the red circle?"), ("gpt", "At the top left, near the edge."),
+    ("human", "<image>\nIs the circle red or blue?"),
+    ("gpt", "red"),
+    ("human", "Which word names the model?"),
+    ("gpt", "model"),
+    ("human", "Where is the red circle?"),
+    ("gpt", "At the top left, near the edge."),
 ]
 ANSWERS = [v for r, v in CONV if r == "gpt"]
 CAPTION = [("human", "<image>\nDescribe the image."), ("gpt", "A red circle at the top left.")]
@@ -71,8 +80,10 @@ def test_supervised_tokens_are_exactly_the_answers_and_end_tokens(family):
     for (s, e), label in zip(offsets, labels):
         inside = [a <= s and e <= b for a, b in spans]
         outside = [e <= a or s >= b for a, b in spans]
-        assert (label != IGNORE_INDEX and any(inside) and e > s) or (label == IGNORE_INDEX and all(outside)), \
-            (text[s:e], label)
+        assert (label != IGNORE_INDEX and any(inside) and e > s) or (label == IGNORE_INDEX and all(outside)), (
+            text[s:e],
+            label,
+        )
     # The processor's sample: the same supervised runs, each ending with the end-of-turn token.
     sample = proc.encode(CONV, num_images=1)
     decoded = [tok.decode(r) for r in supervised_runs(sample.input_ids, sample.labels)]
@@ -136,13 +147,13 @@ def test_chat_templates_render_the_documented_formats(family):
     q, a = "<image>\nIs the circle red or blue?", "red"
     expected = {
         "qwen2.5": f"<|im_start|>system\n{QWEN25_SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-                   f"<|im_start|>assistant\n{a}<|im_end|>\n",
+        f"<|im_start|>assistant\n{a}<|im_end|>\n",
         "smollm2": f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-                   f"<|im_start|>assistant\n{a}<|im_end|>\n",
+        f"<|im_start|>assistant\n{a}<|im_end|>\n",
         "qwen3": f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{THINK}{a}<|im_end|>\n",
         "llama3.2": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
-                    f"2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{q}"
-                    f"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>",
+        f"2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{q}"
+        f"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>",
         "gemma2": f"<bos><start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n{a}<end_of_turn>\n",
     }
     assert text == expected[family]
@@ -200,8 +211,12 @@ def test_streamer_holds_back_incomplete_characters():
 
 
 def test_a_template_of_another_family_is_refused_naming_both():
-    for family, template, suggestion in [("tinyllama", "phi", "'llama'"), ("qwen2.5", "llama", "'auto'"),
-                                         ("llama3.2", "phi", "'auto'"), ("phi2", "llama", "'phi'")]:
+    for family, template, suggestion in [
+        ("tinyllama", "phi", "'llama'"),
+        ("qwen2.5", "llama", "'auto'"),
+        ("llama3.2", "phi", "'auto'"),
+        ("phi2", "llama", "'phi'"),
+    ]:
         with pytest.raises(TemplateError, match=f"template '{template}'.*{suggestion}") as err:
             Processor(tokenizer(family), IMAGES, template, N_IMG)
         assert str(family_tokenizer(family)) in str(err.value)
@@ -219,22 +234,27 @@ def with_template(family, chat_template):
     return tok
 
 
-CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
-          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CHATML = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
-@pytest.mark.parametrize("family, chat_template, message", [
-    # ChatML on a Llama-2 vocabulary: <|im_end|> is text, not a token
-    ("tinyllama", CHATML, "does not start with a special token"),
-    # a template that rewrites the answers
-    ("qwen2.5", CHATML.replace("m.content", "m.content | upper"), "changes the text of an answer"),
-    # role markers the vocabulary lacks, beside a real end token
-    ("qwen2.5", CHATML.replace("'<|im_start|>'", "'<|im_begin|>'"), r"writes <\|im_begin\|>.*splits"),
-    # a generation prompt that differs from how answers are rendered
-    ("qwen2.5", CHATML.replace("assistant\\n' }}{%- endif", "assistant' }}{%- endif"), "generation prompt differs"),
-    # a template that drops the answers
-    ("qwen2.5", CHATML.replace("m.content", "(m.content if m.role == 'user' else 'ok')"), "every answer once"),
-])
+@pytest.mark.parametrize(
+    "family, chat_template, message",
+    [
+        # ChatML on a Llama-2 vocabulary: <|im_end|> is text, not a token
+        ("tinyllama", CHATML, "does not start with a special token"),
+        # a template that rewrites the answers
+        ("qwen2.5", CHATML.replace("m.content", "m.content | upper"), "changes the text of an answer"),
+        # role markers the vocabulary lacks, beside a real end token
+        ("qwen2.5", CHATML.replace("'<|im_start|>'", "'<|im_begin|>'"), r"writes <\|im_begin\|>.*splits"),
+        # a generation prompt that differs from how answers are rendered
+        ("qwen2.5", CHATML.replace("assistant\\n' }}{%- endif", "assistant' }}{%- endif"), "generation prompt differs"),
+        # a template that drops the answers
+        ("qwen2.5", CHATML.replace("m.content", "(m.content if m.role == 'user' else 'ok')"), "every answer once"),
+    ],
+)
 def test_a_chat_template_that_does_not_fit_is_refused(family, chat_template, message):
     with pytest.raises(TemplateError, match=message) as err:
         Processor(with_template(family, chat_template), IMAGES, "auto", N_IMG)
@@ -246,7 +266,9 @@ def test_text_role_markers_are_fine_when_the_family_uses_text():
     proc = processor("tinyllama", "auto")
     assert proc.template.end_token(proc.tokenizer) == "</s>"
     sample = proc.encode(CONV, num_images=1)
-    assert [proc.tokenizer.decode(r) for r in supervised_runs(sample.input_ids, sample.labels)] == [a + "</s>" for a in ANSWERS]
+    assert [proc.tokenizer.decode(r) for r in supervised_runs(sample.input_ids, sample.labels)] == [
+        a + "</s>" for a in ANSWERS
+    ]
 
 
 def test_a_template_bound_to_another_tokenizer_is_refused():
@@ -325,24 +347,37 @@ def test_every_kind_builds_small_and_fast(tmp_path):
 
 
 def test_auto_through_build_train_generate_save_load(tmp_path):
-    from test_models import SIGLIP
-
-    from tiny_tokenizers import model_token_ids
     from tinylmm.config import LLMSpec, ModelSpec, VisionSpec
     from tinylmm.models import build_model, load
 
+    from test_models import SIGLIP
+    from tiny_tokenizers import model_token_ids
+
     path = family_tokenizer("qwen3")
-    cfg = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=1, max_position_embeddings=256, **model_token_ids(path))
-    spec = ModelSpec(llm=LLMSpec(config=cfg, tokenizer=str(path)), vision=VisionSpec(config=dict(SIGLIP)),
-                     template="auto")
+    cfg = dict(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        **model_token_ids(path),
+    )
+    spec = ModelSpec(
+        llm=LLMSpec(config=cfg, tokenizer=str(path)), vision=VisionSpec(config=dict(SIGLIP)), template="auto"
+    )
     model, proc = build_model(spec)
     assert isinstance(proc.template, ChatTemplate) and proc.template.eos == "<|im_end|>"
     image = Image.new("RGB", (32, 32), (200, 10, 10))
     sample = proc.encode(CONV, num_images=1)
     ids = torch.tensor([sample.input_ids])
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([sample.labels]),
-                pixel_values=proc.image_processor(image)[None])
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=torch.tensor([sample.labels]),
+        pixel_values=proc.image_processor(image)[None],
+    )
     assert torch.isfinite(out.loss) and out.num_tokens == sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)
     assert len(generate_batch(model.eval(), proc, [CONV[:1]], [[image]], max_new_tokens=2)) == 1
     model.save(tmp_path / "ck", proc)

@@ -11,8 +11,6 @@ import json
 
 import numpy as np
 import pytest
-
-from tinylmm.data.templates import TemplateError
 import torch
 from PIL import Image
 from torch import nn
@@ -21,14 +19,15 @@ import tinylmm
 from tinylmm.config import ConfigError, VisionSpec
 from tinylmm.convert import tinyllava
 from tinylmm.convert.tinyllava import NotTinyLLaVAError, convert
-from tinylmm.data.templates import TINYLLAVA_SYSTEM
+from tinylmm.data.templates import TINYLLAVA_SYSTEM, TemplateError
 from tinylmm.models.vision import build_vision
 
 QUESTION = "What is in the picture?"
 THEIR_PROMPT = f"{TINYLLAVA_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"  # their phi/llama format, eval mode
 IMAGE_TOKEN_INDEX = -200
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
-              patch_size=8)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+)
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 CORPUS = [TINYLLAVA_SYSTEM, QUESTION, "A red circle and a blue square.", "ASSISTANT: USER: <image>\n"] * 4
 
@@ -44,10 +43,15 @@ def gpt2_style_tokenizer():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    tk.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
 def llama_style_tokenizer(legacy=False):
@@ -84,8 +88,12 @@ def their_pixels(image, family, aspect):
     if family == "siglip":
         proc = SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     else:
-        proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                     image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        proc = CLIPImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
     if aspect == "pad" and image.width != image.height:
         side = max(image.size)
         canvas = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in proc.image_mean))
@@ -105,7 +113,7 @@ class Theirs:
         feats = feats[:, 1:] if self.select == "patch" else feats  # vision_tower/base.py
         image = self.connector(feats)[0]
         at = ids.index(IMAGE_TOKEN_INDEX)
-        text = self.llm.get_input_embeddings()(torch.tensor(ids[:at] + ids[at + 1:]))
+        text = self.llm.get_input_embeddings()(torch.tensor(ids[:at] + ids[at + 1 :]))
         return torch.cat([text[:at], image, text[at:]])[None]  # spliced where -200 sat
 
     @torch.no_grad()
@@ -115,39 +123,83 @@ class Theirs:
     @torch.no_grad()
     def generate(self, ids, pixels, **kw):
         embeds = self.embeds(ids, pixels)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                                 **kw)
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **kw
+        )
 
 
-def write_tinyllava(root, *, llm="phi", vision="siglip", select="patch", aspect="square", connector="mlp2x_gelu",
-                    layout="safetensors", seed=0, **config_changes):
+def write_tinyllava(
+    root,
+    *,
+    llm="phi",
+    vision="siglip",
+    select="patch",
+    aspect="square",
+    connector="mlp2x_gelu",
+    layout="safetensors",
+    seed=0,
+    **config_changes,
+):
     """A TinyLLaVA_Factory checkpoint directory; returns it and the reference model."""
     from safetensors.torch import save_file
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PhiConfig,
-                              PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.manual_seed(seed)
     root.mkdir(parents=True)
     tok = gpt2_style_tokenizer() if llm == "phi" else llama_style_tokenizer()
     tok.save_pretrained(root)
     if llm == "phi":  # the tokenizer is smaller than the embedding table, as Phi-2's
-        text = dict(model_type="phi", vocab_size=len(tok) + 30, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512,
-                    bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        text = dict(
+            model_type="phi",
+            vocab_size=len(tok) + 30,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            partial_rotary_factor=0.5,
+            max_position_embeddings=512,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         lm = PhiForCausalLM(PhiConfig(**{k: v for k, v in text.items() if k != "model_type"}))
     else:  # exactly the tokenizer's size, tied head: <image> lies past the table
-        text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        text = dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         lm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}))
     vis_type = f"{vision}_vision_model"
-    tower = (SiglipVisionModel(SiglipVisionConfig(**VISION)) if vision == "siglip"
-             else CLIPVisionModel(CLIPVisionConfig(**VISION)))
+    tower = (
+        SiglipVisionModel(SiglipVisionConfig(**VISION))
+        if vision == "siglip"
+        else CLIPVisionModel(CLIPVisionConfig(**VISION))
+    )
     first = nn.Linear(VISION["hidden_size"], 64)
     conn = nn.Sequential(first, nn.GELU(), nn.Linear(64, 64)) if connector == "mlp2x_gelu" else first
 
-    state = {f"language_model.{k}": v for k, v in lm.state_dict().items()
-             if not (text.get("tie_word_embeddings") and k == "lm_head.weight")}
+    state = {
+        f"language_model.{k}": v
+        for k, v in lm.state_dict().items()
+        if not (text.get("tie_word_embeddings") and k == "lm_head.weight")
+    }
     # transformers 4.x, which wrote their checkpoints, nested the tower under vision_model.
     state.update({f"vision_tower._vision_tower.vision_model.{k}": v for k, v in tower.state_dict().items()})
     state.update({f"connector._connector.{k}": v for k, v in conn.state_dict().items()})
@@ -156,8 +208,10 @@ def write_tinyllava(root, *, llm="phi", vision="siglip", select="patch", aspect=
         save_file(state, str(root / "model.safetensors"))
     elif layout == "shards":
         keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-                  "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        shards = {
+            "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+        }
         for name, part in shards.items():
             save_file({k: state[k] for k in part}, str(root / name))
         index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
@@ -166,22 +220,49 @@ def write_tinyllava(root, *, llm="phi", vision="siglip", select="patch", aspect=
         torch.save(state, root / "pytorch_model.bin")
 
     config = {  # the keys and shapes of their config.json (e.g. TinyLLaVA-Phi-2-SigLIP-3.1B)
-        "architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava", "cache_dir": None,
-        "connector_type": connector, "hidden_size": 64, "ignore_index": -100, "image_aspect_ratio": aspect,
-        "image_token_index": -200, "llm_model_name_or_path": f"org/{llm}", "num_queries": 128,
-        "num_resampler_layers": 3, "pad_token": tok.eos_token, "pad_token_id": tok.eos_token_id,
+        "architectures": ["TinyLlavaForConditionalGeneration"],
+        "model_type": "tinyllava",
+        "cache_dir": None,
+        "connector_type": connector,
+        "hidden_size": 64,
+        "ignore_index": -100,
+        "image_aspect_ratio": aspect,
+        "image_token_index": -200,
+        "llm_model_name_or_path": f"org/{llm}",
+        "num_queries": 128,
+        "num_resampler_layers": 3,
+        "pad_token": tok.eos_token,
+        "pad_token_id": tok.eos_token_id,
         "resampler_hidden_size": 768,
-        "text_config": {"_name_or_path": f"org/{llm}", "architectures": [type(lm).__name__],
-                        "auto_map": {"AutoConfig": "org/remote--configuration.Config"}, "torch_dtype": "float32",
-                        **text},
-        "tokenizer_model_max_length": 2048, "tokenizer_name_or_path": f"org/{llm}", "tokenizer_padding_side": "right",
-        "tokenizer_use_fast": False, "torch_dtype": "float32", "transformers_version": "4.39.3",
-        "tune_type_connector": "full", "tune_type_llm": "full", "tune_type_vision_tower": "frozen",
-        "tune_vision_tower_from_layer": 0, "use_cache": True,
-        "vision_config": {"model_type": vis_type, "model_name_or_path": f"org/{vision}", "model_name_or_path2": "",
-                          **VISION},
-        "vision_feature_layer": -2, "vision_feature_select_strategy": select, "vision_hidden_size": 32,
-        "vision_model_name_or_path": f"org/{vision}", "vision_model_name_or_path2": "",
+        "text_config": {
+            "_name_or_path": f"org/{llm}",
+            "architectures": [type(lm).__name__],
+            "auto_map": {"AutoConfig": "org/remote--configuration.Config"},
+            "torch_dtype": "float32",
+            **text,
+        },
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_name_or_path": f"org/{llm}",
+        "tokenizer_padding_side": "right",
+        "tokenizer_use_fast": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.39.3",
+        "tune_type_connector": "full",
+        "tune_type_llm": "full",
+        "tune_type_vision_tower": "frozen",
+        "tune_vision_tower_from_layer": 0,
+        "use_cache": True,
+        "vision_config": {
+            "model_type": vis_type,
+            "model_name_or_path": f"org/{vision}",
+            "model_name_or_path2": "",
+            **VISION,
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": select,
+        "vision_hidden_size": 32,
+        "vision_model_name_or_path": f"org/{vision}",
+        "vision_model_name_or_path2": "",
         "vocab_size": text["vocab_size"],
     }
     config.update(config_changes)
@@ -198,8 +279,11 @@ def test_drop_first_drops_token_zero_whatever_it_is(family):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
-    full = (SiglipVisionModel(SiglipVisionConfig(**VISION)) if family == "siglip"
-            else CLIPVisionModel(CLIPVisionConfig(**VISION))).eval()
+    full = (
+        SiglipVisionModel(SiglipVisionConfig(**VISION))
+        if family == "siglip"
+        else CLIPVisionModel(CLIPVisionConfig(**VISION))
+    ).eval()
     tower = build_vision(VisionSpec(config=dict(VISION, model_type=f"{family}_vision_model"), select="drop_first"))
     tower.model.load_state_dict({k: v for k, v in full.state_dict().items() if k in tower.model.state_dict()})
     x = torch.randn(2, 3, 32, 32)
@@ -214,8 +298,11 @@ def test_drop_first_drops_token_zero_whatever_it_is(family):
 # --------------------------------------------------------------------------- tokenization
 
 
-@pytest.mark.parametrize("make", [gpt2_style_tokenizer, llama_style_tokenizer, lambda: llama_style_tokenizer(True)],
-                         ids=["gpt2-style", "llama-style", "llama-legacy"])
+@pytest.mark.parametrize(
+    "make",
+    [gpt2_style_tokenizer, llama_style_tokenizer, lambda: llama_style_tokenizer(True)],
+    ids=["gpt2-style", "llama-style", "llama-legacy"],
+)
 def test_prompt_ids_equal_their_tokenizer_image_token(make):
     from tinylmm.data.processor import ImageProcessor, Processor
 
@@ -239,8 +326,9 @@ CASES = {  # llm, vision, select, aspect, connector, weight layout
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_model_reproduces_their_outputs(case, tmp_path):
     llm, vision, select, aspect, connector, layout = CASES[case]
-    src, theirs, their_tok = write_tinyllava(tmp_path / "theirs", llm=llm, vision=vision, select=select,
-                                             aspect=aspect, connector=connector, layout=layout)
+    src, theirs, their_tok = write_tinyllava(
+        tmp_path / "theirs", llm=llm, vision=vision, select=select, aspect=aspect, connector=connector, layout=layout
+    )
     out, notes = convert(src, tmp_path / "ours")
     model, proc = tinylmm.load(out)
     assert proc.template_name == {"phi": "phi", "llama": "llama"}[llm]
@@ -275,8 +363,9 @@ def test_load_converts_a_tinyllava_directory_in_memory(tmp_path):
     batch = proc.prompt([("human", f"<image>\n{QUESTION}")], [image])
     ids = tokenizer_image_token(THEIR_PROMPT, their_tok)
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, theirs.logits(ids, their_pixels(image, "siglip", "square")),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(**batch).logits, theirs.logits(ids, their_pixels(image, "siglip", "square")), rtol=1e-4, atol=1e-4
+        )
     assert not (src / "tinylmm.json").exists()  # nothing written into their directory
 
 
@@ -321,17 +410,20 @@ def test_template_follows_the_tokenizers_eos_or_the_override(tmp_path):
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"connector_type": "resampler"}, "connector_type='resampler'"),
-    ({"connector_type": "mlp3x_gelu"}, "connector_type='mlp3x_gelu'"),
-    ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy='full'"),
-    ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio='anyres'"),
-    ({"vision_model_name_or_path2": "org/dinov2"}, "vision_model_name_or_path2"),
-    ({"vision_config": {"model_type": "dinov2", **VISION}}, "vision_config.model_type='dinov2'"),
-    ({"text_config": {"model_type": "openelm"}}, "text_config.model_type='openelm'"),
-    ({"mystery_key": 1}, "mystery_key"),
-    ({"vision_feature_layer": 7}, "vision_feature_layer=7 is outside the vision tower's 3 layers"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"connector_type": "resampler"}, "connector_type='resampler'"),
+        ({"connector_type": "mlp3x_gelu"}, "connector_type='mlp3x_gelu'"),
+        ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy='full'"),
+        ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio='anyres'"),
+        ({"vision_model_name_or_path2": "org/dinov2"}, "vision_model_name_or_path2"),
+        ({"vision_config": {"model_type": "dinov2", **VISION}}, "vision_config.model_type='dinov2'"),
+        ({"text_config": {"model_type": "openelm"}}, "text_config.model_type='openelm'"),
+        ({"mystery_key": 1}, "mystery_key"),
+        ({"vision_feature_layer": 7}, "vision_feature_layer=7 is outside the vision tower's 3 layers"),
+    ],
+)
 def test_unsupported_values_name_the_key(change, message, tmp_path):
     src, _, _ = write_tinyllava(tmp_path / "theirs", **change)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -361,8 +453,10 @@ def test_missing_or_foreign_weights_and_existing_out(tmp_path):
     from safetensors.torch import save_file
 
     src2, theirs, _ = write_tinyllava(tmp_path / "theirs2")
-    save_file({"language_model.lm_head.weight": torch.zeros(1), "mm_projector.0.weight": torch.zeros(1)},
-              str(src2 / "model.safetensors"))
+    save_file(
+        {"language_model.lm_head.weight": torch.zeros(1), "mm_projector.0.weight": torch.zeros(1)},
+        str(src2 / "model.safetensors"),
+    )
     with pytest.raises(ConfigError, match="'mm_projector.0.weight' belongs to none"):
         convert(src2, tmp_path / "new")
 

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, tiny_stages
 from tinylmm.config import resolve
 from tinylmm.train.loop import train
 
+from conftest import TINY, tiny_stages
+
 # Per-stage step losses of the tiny share run below, recorded with torch 2.13 on CPU, fp32.
 # A change here means training numerics changed: check it was intended, then update.
-EXPECTED = {"pretrain": [6.2478, 6.2311, 6.2193], "share": [6.2127, 5.9973, 5.8572],
-            "finetune": [6.1389, 6.0314, 5.9203]}
+EXPECTED = {
+    "pretrain": [6.2478, 6.2311, 6.2193],
+    "share": [6.2127, 5.9973, 5.8572],
+    "finetune": [6.1389, 6.0314, 5.9203],
+}
 
 
 def losses_of(run_dir: Path) -> list[tuple[str, int, float]]:
@@ -72,8 +76,12 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
         tune_args = ["--tune", tune]
     # Uninterrupted reference, in a process like the others (same thread count, same numerics).
     ref = tmp_path / "ref"
-    proc = subprocess.run([sys.executable, "-m", "tinylmm.cli.app", "train", "-o", str(ref), "--no-eval",
-                           *tune_args, *overrides], env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinylmm.cli.app", "train", "-o", str(ref), "--no-eval", *tune_args, *overrides],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Killed with SIGKILL right after the step-4 checkpoint of the middle stage.
     run = tmp_path / "run"
@@ -83,8 +91,12 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
     assert (run / "share" / "step-000004").exists() and not (run / "share" / "final").exists()
     assert not list(run.glob("*/*.tmp"))
     # Resumed through the CLI.
-    proc = subprocess.run([sys.executable, "-m", "tinylmm.cli.app", "train", "--resume", str(run), "--no-eval"],
-                          env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinylmm.cli.app", "train", "--resume", str(run), "--no-eval"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr
     assert losses_of(run) == losses_of(ref)
@@ -97,9 +109,29 @@ def test_two_processes_under_accelerate_launch_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     cfg, sources = resolve("toy", "share", overrides, output_dir=str(one))
     train(cfg, sources, evaluate=False)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "tinylmm.cli.app", "train", "-o", str(two), "--no-eval", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "tinylmm.cli.app",
+        "train",
+        "-o",
+        str(two),
+        "--no-eval",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stderr and "(2 x 2 x 2 proc)" in proc.stderr

@@ -8,16 +8,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import openclip_testable
 import tinylmm
+from tinylmm import memory as mem
 from tinylmm.api import zoo as zoo_api
 from tinylmm.catalog import zoo
 from tinylmm.cli.app import app
 from tinylmm.config import ConfigError, resolve
-from conftest import is_openclip
-from tinylmm import memory as mem
-from tinylmm.train import measure
 from tinylmm.models.arch import TOKENIZER_LEN
+from tinylmm.train import measure
+
+from conftest import is_openclip, openclip_testable
 
 TINYLLAVA = ("tinyllava-phi2-siglip-3.1b", "tinyllava-stablelm2-siglip-2.0b", "tinyllava-tinyllama-siglip-1.5b")
 
@@ -29,8 +29,11 @@ def arch(hub_id: str) -> dict:
 @pytest.fixture(scope="module")
 def described():
     """zoo.describe of every preset, memory plan included: built once (meta builds are cached)."""
-    return {name: zoo_api.describe(name) for name in zoo.names()
-            if openclip_testable() or not is_openclip(zoo.get(name).model_spec().vision)}
+    return {
+        name: zoo_api.describe(name)
+        for name in zoo.names()
+        if openclip_testable() or not is_openclip(zoo.get(name).model_spec().vision)
+    }
 
 
 @pytest.fixture
@@ -119,8 +122,16 @@ def test_every_preset_shows_offline_and_its_recommendation_fits_24gb(described):
         assert plan["recipe"] == d["recommended"]["recipe"] and plan["tune"] == d["recommended"]["tune"]
         assert plan["fits"], (name, [(s["name"], s["peak"] / 2**30) for s in plan["stages"]])
     share = described["tinyllava-phi2-siglip-3.1b"]
-    assert share["scores"] == {"VQAv2": 80.1, "GQA": 62.1, "SQA-IMG": 73.0, "TextVQA": 60.3, "MM-Vet": 37.5,
-                               "POPE": 87.2, "MME": 1466.4, "MMMU": 38.4}
+    assert share["scores"] == {
+        "VQAv2": 80.1,
+        "GQA": 62.1,
+        "SQA-IMG": 73.0,
+        "TextVQA": 60.3,
+        "MM-Vet": 37.5,
+        "POPE": 87.2,
+        "MME": 1466.4,
+        "MMMU": 38.4,
+    }
     assert "TinyLLaVA_Factory" in share["scores_source"] and "share recipe" in share["scores_source"]
     fast = described["qwen2.5-0.5b-siglip-b-0.5b"]
     assert fast["visual_tokens"] == 196 and fast["image"]["size"] == 224
@@ -161,8 +172,11 @@ def test_llm_parameter_counts_match_the_published_ones(hub_id):
     data = arch(hub_id)
     n = mem.count_llm_parameters(data)
     # Meta's card truncates (1.2358B reads 1.23B); the others round
-    fits = (lambda x: math.floor(x / unit) * unit) if hub_id.startswith("meta-llama") else (
-        lambda x: round(x / unit) * unit)
+    fits = (
+        (lambda x: math.floor(x / unit) * unit)
+        if hub_id.startswith("meta-llama")
+        else (lambda x: round(x / unit) * unit)
+    )
     assert fits(n) == pytest.approx(published), (n, published)
     if hub_id in NON_EMBEDDING:
         assert data["tie_word_embeddings"]
@@ -198,37 +212,46 @@ def test_dinov2_preset_feeds_224_px_and_drops_the_cls_token(described):
 # --------------------------------------------------------------------------- the planner on the new families
 
 
-QK = ("vocab_size: 4096, hidden_size: 256, intermediate_size: 688, num_hidden_layers: 3, num_attention_heads: 8, "
-      "num_key_value_heads: 2, head_dim: 64, max_position_embeddings: 1024, tie_word_embeddings: true, "
-      "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3")
+QK = (
+    "vocab_size: 4096, hidden_size: 256, intermediate_size: 688, num_hidden_layers: 3, num_attention_heads: 8, "
+    "num_key_value_heads: 2, head_dim: 64, max_position_embeddings: 1024, tie_word_embeddings: true, "
+    "bos_token_id: 1, eos_token_id: 2, pad_token_id: 3"
+)
 SMALL_LLMS = {
     "qwen3": f"{{model_type: qwen3, {QK}}}",
     "gemma2": f"{{model_type: gemma2, {QK}, query_pre_attn_scalar: 64, sliding_window: 64, "
-              f"final_logit_softcapping: 30.0, attn_logit_softcapping: 50.0}}",
+    f"final_logit_softcapping: 30.0, attn_logit_softcapping: 50.0}}",
 }
-SMALL_TOWER = ("model.vision.config={model_type: siglip_vision_model, hidden_size: 192, intermediate_size: 768, "
-               "num_hidden_layers: 3, num_attention_heads: 3, image_size: 112, patch_size: 16}")
+SMALL_TOWER = (
+    "model.vision.config={model_type: siglip_vision_model, hidden_size: 192, intermediate_size: 768, "
+    "num_hidden_layers: 3, num_attention_heads: 3, image_size: 112, patch_size: 16}"
+)
 
 
-@pytest.mark.parametrize("family, stage, precision", [
-    ("qwen3", "finetune", "fp32"),  # per-head q/k norms, GQA, tied head
-    ("gemma2", "finetune", "fp32"),  # four norms, soft-capped eager attention, final logit cap
-    ("gemma2", "pretrain", "bf16"),  # frozen LLM that gradients flow through, autocast
-])
+@pytest.mark.parametrize(
+    "family, stage, precision",
+    [
+        ("qwen3", "finetune", "fp32"),  # per-head q/k norms, GQA, tied head
+        ("gemma2", "finetune", "fp32"),  # four norms, soft-capped eager attention, final logit cap
+        ("gemma2", "pretrain", "bf16"),  # frozen LLM that gradients flow through, autocast
+    ],
+)
 def test_planner_matches_torch_on_qwen3_and_gemma2(family, stage, precision, tmp_path):
     from tinylmm.models import build_model
     from tinylmm.train.stages import prepare_stage
 
-    cfg, _ = resolve("toy", "share", [f"model.llm.config={SMALL_LLMS[family]}", SMALL_TOWER,
-                                      f"train.precision={precision}"])
+    cfg, _ = resolve(
+        "toy", "share", [f"model.llm.config={SMALL_LLMS[family]}", SMALL_TOWER, f"train.precision={precision}"]
+    )
     meta = mem.build_meta(cfg.model)
     assert meta.llm_attention == ("eager" if family == "gemma2" else "sdpa")  # gemma2 has no sdpa path
     model, _ = build_model(cfg.model, attn_implementation=meta.llm_attention)
     prepare_stage(model, cfg, stage, tmp_path, device="cpu", half_dtype=torch.bfloat16 if precision == "bf16" else None)
     batch = measure.make_batch(model.train(), 2, 160)
     plain, ckpt = measure.measure_saved(model, batch, precision)
-    acts = mem.stage_activations(meta, cfg, stage, seq_len=160, precision=precision, device="cpu",
-                                 logit_positions=measure.logit_positions(batch))
+    acts = mem.stage_activations(
+        meta, cfg, stage, seq_len=160, precision=precision, device="cpu", logit_positions=measure.logit_positions(batch)
+    )
     assert sum(acts.saved(2, False).values()) == pytest.approx(plain, rel=0.01)
     assert sum(acts.saved(2, True).values()) == pytest.approx(ckpt, rel=0.01)
 
@@ -245,7 +268,9 @@ def test_a_preset_whose_tower_needs_open_clip_is_listed_without_counts_where_it_
         rows = {r["name"]: r for r in zoo_api.select()}
         row = rows["tinyllava-phi2-openclip-siglip-3.1b"]
         assert row["params"] is None and "needs open_clip_torch" in row["unavailable"]
-        assert rows["tinyllava-phi2-siglip-3.1b"]["params"] and rows["tinyllava-phi2-siglip-3.1b"]["unavailable"] is None
+        assert (
+            rows["tinyllava-phi2-siglip-3.1b"]["params"] and rows["tinyllava-phi2-siglip-3.1b"]["unavailable"] is None
+        )
         assert "tinyllava-phi2-openclip-siglip-3.1b" not in {r["name"] for r in zoo_api.select(max_params=10**12)}
         out = CliRunner().invoke(app, ["zoo", "ls"], env={"COLUMNS": "200"})
         assert out.exit_code == 0 and "needs open_clip_torch" in out.output
@@ -310,8 +335,9 @@ def test_register_adds_presets_that_train_and_plan_like_shipped_ones(user_zoo):
 
 def test_zoo_option_on_the_commands(user_zoo):
     runner = CliRunner()
-    out = runner.invoke(app, ["plan", "--zoo", str(user_zoo), "-p", "mine-qwen", "-r", "base", "--tune", "lora",
-                              "--json"])
+    out = runner.invoke(
+        app, ["plan", "--zoo", str(user_zoo), "-p", "mine-qwen", "-r", "base", "--tune", "lora", "--json"]
+    )
     assert out.exit_code == 0, out.output
     plan = json.loads(out.output)
     assert plan["preset"] == "mine-qwen" and [s["name"] for s in plan["stages"]] == ["pretrain", "finetune"]
@@ -319,23 +345,44 @@ def test_zoo_option_on_the_commands(user_zoo):
     assert {"mine-qwen"} <= {r["name"] for r in json.loads(out.output)}
     out = runner.invoke(app, ["zoo", "show", "mine-tiny", "--zoo", str(user_zoo), "--json"])
     assert out.exit_code == 0 and json.loads(out.output)["plan"] is None  # no recommendation given
-    out = runner.invoke(app, ["train", "--zoo", str(user_zoo), "-p", "mine-tiny", "--no-eval", "-o",
-                              str(user_zoo.parent / "run"), "stages.pretrain.max_steps=1", "stages.share.max_steps=1",
-                              "stages.finetune.max_steps=1", "shapes.n_caption=16", "shapes.n_instruct=16",
-                              "shapes.n_eval=8"])
+    out = runner.invoke(
+        app,
+        [
+            "train",
+            "--zoo",
+            str(user_zoo),
+            "-p",
+            "mine-tiny",
+            "--no-eval",
+            "-o",
+            str(user_zoo.parent / "run"),
+            "stages.pretrain.max_steps=1",
+            "stages.share.max_steps=1",
+            "stages.finetune.max_steps=1",
+            "shapes.n_caption=16",
+            "shapes.n_instruct=16",
+            "shapes.n_eval=8",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert (user_zoo.parent / "run" / "finetune" / "final").is_dir()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("mine:\n  famly: qwen3\n  model: {template: phi}\n", r"my_zoo.yaml:mine.famly' \(did you mean 'family'\?\)"),
-    ("mine:\n  family: qwen\n  model: {template: phi}\n", r"my_zoo.yaml:mine.family: 'qwen' .*did you mean 'qwen3'"),
-    ("mine:\n  model: {llm: {name_or_pth: x}}\n", r"my_zoo.yaml:mine.model.llm.name_or_pth' \(did you mean"),
-    ("mine:\n  scores: {GQA: 60}\n  model: {template: phi}\n", "my_zoo.yaml:mine: scores need a 'scores_source'"),
-    ("mine:\n  recommended: {recipe: shar}\n  model: {template: phi}\n", "did you mean 'share'"),
-    ("toy:\n  model: {template: phi}\n", "preset 'toy' is a shipped preset"),
-    ("- a list\n", "expected a mapping of preset name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("mine:\n  famly: qwen3\n  model: {template: phi}\n", r"my_zoo.yaml:mine.famly' \(did you mean 'family'\?\)"),
+        (
+            "mine:\n  family: qwen\n  model: {template: phi}\n",
+            r"my_zoo.yaml:mine.family: 'qwen' .*did you mean 'qwen3'",
+        ),
+        ("mine:\n  model: {llm: {name_or_pth: x}}\n", r"my_zoo.yaml:mine.model.llm.name_or_pth' \(did you mean"),
+        ("mine:\n  scores: {GQA: 60}\n  model: {template: phi}\n", "my_zoo.yaml:mine: scores need a 'scores_source'"),
+        ("mine:\n  recommended: {recipe: shar}\n  model: {template: phi}\n", "did you mean 'share'"),
+        ("toy:\n  model: {template: phi}\n", "preset 'toy' is a shipped preset"),
+        ("- a list\n", "expected a mapping of preset name"),
+    ],
+)
 def test_a_bad_user_file_names_the_file_and_registers_nothing(text, message, tmp_path):
     path = tmp_path / "my_zoo.yaml"
     path.write_text(text + "fine:\n  model: {template: phi}\n" if not text.startswith("-") else text)
@@ -371,3 +418,25 @@ def test_template_auto_is_accepted():
     assert cfg.model.template == "auto"
     with pytest.raises(ConfigError, match="unknown template 'autoo'.*did you mean 'auto'"):
         resolve("toy", "share", ["model.template=autoo"])
+
+
+# --------------------------------------------------------------------------- recorded counts
+
+
+def test_zoo_ls_reads_counts_that_equal_the_meta_build():
+    """`tinylmm zoo ls` lists the shipped presets from tinylmm/assets/zoo_counts.json: each
+    record must say what building the preset on the meta device says now."""
+    import dataclasses
+
+    from tinylmm.resources import asset
+
+    recorded = json.loads(asset(zoo.COUNTS).read_text())
+    assert set(recorded) == {n for n, p in zoo.presets().items() if p.shipped}
+    built = zoo_api.recorded_counts() if openclip_testable() else None
+    if built is not None:
+        assert recorded == built, "stale: run `HF_HUB_OFFLINE=1 python scripts/update_zoo_counts.py`"
+    # a preset whose model differs from its record is built instead of read
+    toy = zoo.get("toy")
+    assert zoo.shipped_counts(toy) == recorded["toy"]
+    changed = dataclasses.replace(toy, model={**toy.model, "connector": {"type": "linear"}})
+    assert zoo.shipped_counts(changed) is None

@@ -6,20 +6,23 @@ import torch
 from PIL import Image
 
 from tinylmm.catalog import zoo
+from tinylmm.models import build_model
+from tinylmm.models.arch import arch_config
 from tinylmm.models.generation import chat_reply
 from tinylmm.models.llm import supports_attention
-from tinylmm.models import build_model
-from conftest import is_openclip
 from tinylmm.models.vision.openclip import build_openclip
-from tinylmm.models.arch import arch_config
 
-from conftest import require_openclip
+from conftest import is_openclip, require_openclip
 from tiny_presets import tiny_spec
 from tiny_tokenizers import FAMILIES, family_tokenizer, model_token_ids
 
 SHIPPED = [name for name, p in zoo.presets().items() if p.shipped]
-TURNS = [("human", "<image>\nWhat color is the circle?"), ("gpt", "red"),
-         ("human", "And which shape is left?"), ("gpt", "the square")]
+TURNS = [
+    ("human", "<image>\nWhat color is the circle?"),
+    ("gpt", "red"),
+    ("human", "And which shape is left?"),
+    ("gpt", "the square"),
+]
 
 
 def tiny_preset(name: str):
@@ -55,8 +58,9 @@ def test_preset_trains_and_generates_as_a_tiny_model(name):
     real_spec = preset.model_spec().vision
     if is_openclip(real_spec):  # the tiny tower: open_clip's same tower class (timm's or its own ViT)
         real = build_openclip(real_spec, device="meta")
-        assert type(model.vision.model.trunk if hasattr(model.vision.model, "trunk") else model.vision.model) is \
-            type(real.model.trunk if hasattr(real.model, "trunk") else real.model)
+        assert type(model.vision.model.trunk if hasattr(model.vision.model, "trunk") else model.vision.model) is type(
+            real.model.trunk if hasattr(real.model, "trunk") else real.model
+        )
     else:
         assert model.vision.config.model_type == arch_config(real_spec, "vision")["model_type"]
         if real_spec.image_size is not None:  # DINOv2 at 224 px: the tiny tower interpolates its positions too
@@ -70,8 +74,12 @@ def test_preset_trains_and_generates_as_a_tiny_model(name):
     enc = proc.encode(TURNS, num_images=1)
     assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens
     ids = torch.tensor([enc.input_ids])
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([enc.labels]),
-                pixel_values=proc.image_processor(image)[None])
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=torch.tensor([enc.labels]),
+        pixel_values=proc.image_processor(image)[None],
+    )
     assert torch.isfinite(out.loss) and out.num_tokens > 0
     out.loss.backward()
     for part in (model.connector, model.llm, model.vision):

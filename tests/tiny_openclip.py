@@ -16,14 +16,16 @@ def _timm_vit(**defaults):
         vit = VisionTransformer(**{**defaults, **kwargs})
         vit.default_cfg = {}  # what timm's builder attaches (no pretrained weights here)
         return vit
+
     return entrypoint
 
 
 SIGLIP = dict(class_token=False, global_pool="map")  # as timm's vit_*_siglip_* entrypoints
 for _name, _kwargs in {
     "tinylmm_test_siglip": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2, **SIGLIP),
-    "tinylmm_test_reg": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2,
-                             reg_tokens=2, global_pool="avg"),
+    "tinylmm_test_reg": dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2, reg_tokens=2, global_pool="avg"
+    ),
     "tinylmm_test_siglip_mid": dict(img_size=112, patch_size=16, embed_dim=384, depth=4, num_heads=6, **SIGLIP),
 }.items():
     _fn = _timm_vit(**_kwargs)

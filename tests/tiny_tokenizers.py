@@ -114,8 +114,10 @@ ZEPHYR_TEMPLATE = (
 
 # GPT-2's pre-tokenizer regex is ByteLevel's built-in one; Qwen2 / Llama-3 split with a
 # cl100k-style regex (digits one by one for Qwen, up to three for Llama-3).
-_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -138,25 +140,66 @@ KINDS: dict[str, Kind] = {
     # Phi-2 (CodeGen/GPT-2 vocabulary): one special token for everything; no chat template.
     "gpt2": Kind("byte_bpe", ("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>"),
     # StableLM-2 (Arcade100k, byte-level, digits split); the preset uses TinyLLaVA's phi format.
-    "stablelm2": Kind("byte_bpe", ("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>",
-                      unk="<|endoftext|>", digits=True),
+    "stablelm2": Kind(
+        "byte_bpe", ("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>", digits=True
+    ),
     # TinyLlama / Llama-2 SentencePiece: <unk> <s> </s>, byte fallback, BOS added to every text.
-    "llama2": Kind("sentencepiece", ("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>", add_bos=True,
-                   chat_template=ZEPHYR_TEMPLATE),
-    "qwen2.5": Kind("byte_bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>",
-                    pad="<|endoftext|>", split=_SPLIT % "", chat_template=_chatml(QWEN25_SYSTEM)),
-    "qwen3": Kind("byte_bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>",
-                  pad="<|endoftext|>", added=("<think>", "</think>"), split=_SPLIT % "",
-                  chat_template=QWEN3_TEMPLATE),
-    "smollm2": Kind("byte_bpe", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos="<|im_start|>",
-                    eos="<|im_end|>", pad="<|im_end|>", unk="<|endoftext|>", digits=True,
-                    chat_template=_chatml(SMOLLM2_SYSTEM)),
-    "llama3": Kind("byte_bpe", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True,
-                   split=_SPLIT % "{1,3}", chat_template=LLAMA3_TEMPLATE),
-    "gemma2": Kind("sentencepiece", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-                   bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True, prepend="never",
-                   chat_template=GEMMA2_TEMPLATE),
+    "llama2": Kind(
+        "sentencepiece",
+        ("<unk>", "<s>", "</s>"),
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        add_bos=True,
+        chat_template=ZEPHYR_TEMPLATE,
+    ),
+    "qwen2.5": Kind(
+        "byte_bpe",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        split=_SPLIT % "",
+        chat_template=_chatml(QWEN25_SYSTEM),
+    ),
+    "qwen3": Kind(
+        "byte_bpe",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        added=("<think>", "</think>"),
+        split=_SPLIT % "",
+        chat_template=QWEN3_TEMPLATE,
+    ),
+    "smollm2": Kind(
+        "byte_bpe",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        pad="<|im_end|>",
+        unk="<|endoftext|>",
+        digits=True,
+        chat_template=_chatml(SMOLLM2_SYSTEM),
+    ),
+    "llama3": Kind(
+        "byte_bpe",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        add_bos=True,
+        split=_SPLIT % "{1,3}",
+        chat_template=LLAMA3_TEMPLATE,
+    ),
+    "gemma2": Kind(
+        "sentencepiece",
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        prepend="never",
+        chat_template=GEMMA2_TEMPLATE,
+    ),
 }
 TOY = "toy"  # the shipped builtin:toy tokenizer, copied
 
@@ -216,8 +259,9 @@ def _trained_bpe(kind: Kind, vocab_size: int):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=kind.prepend)
         alphabet = []
     # The specials take the first ids (trainer order), as in the real vocabularies.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(kind.specials),
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(kind.specials), initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -258,8 +302,11 @@ def _build(kind: Kind):
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in kind.added])
     if kind.add_bos:
         bos_id = tok.token_to_id(kind.bos)
-        post.append(processors.TemplateProcessing(single=f"{kind.bos} $A", pair=f"{kind.bos} $A {kind.bos} $B",
-                                                  special_tokens=[(kind.bos, bos_id)]))
+        post.append(
+            processors.TemplateProcessing(
+                single=f"{kind.bos} $A", pair=f"{kind.bos} $A {kind.bos} $B", special_tokens=[(kind.bos, bos_id)]
+            )
+        )
     if post:
         tok.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
     return tok
@@ -279,8 +326,11 @@ def make_tokenizer(kind: str, directory: str | Path) -> Path:
     if kind not in KINDS:
         raise KeyError(f"unknown tokenizer kind '{kind}'; known: {', '.join([*KINDS, TOY])}")
     spec = KINDS[kind]
-    names = {k: v for k, v in dict(bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad,
-                                   unk_token=spec.unk).items() if v is not None}
+    names = {
+        k: v
+        for k, v in dict(bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, unk_token=spec.unk).items()
+        if v is not None
+    }
     tok = PreTrainedTokenizerFast(tokenizer_object=_build(spec), **names)
     if spec.chat_template is not None:
         tok.chat_template = spec.chat_template
@@ -311,5 +361,9 @@ def model_token_ids(path: str | Path) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    return {"vocab_size": len(tok) + 1, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    return {
+        "vocab_size": len(tok) + 1,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    }

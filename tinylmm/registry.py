@@ -14,7 +14,8 @@ so two entries cannot silently shadow each other.
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from tinylmm.errors import ConfigError, did_you_mean
 
@@ -46,8 +47,11 @@ class Registry(Generic[T]):
         """The entry `name`; unknown: a ConfigError naming `where` (the config key) and the closest name."""
         if name not in self._entries:
             known = sorted(self._entries)
-            raise ConfigError(f"unknown {self.kind} '{name}'" + (f" in {where}" if where else "")
-                              + f"{did_you_mean(name, known)}; known: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'"
+                + (f" in {where}" if where else "")
+                + f"{did_you_mean(name, known)}; known: {', '.join(known)}"
+            )
         return self._entries[name]
 
     def names(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from tinylmm.errors import ConfigError, did_you_mean
 
+
 @dataclass
 class LLMSpec:
     name_or_path: str | None = None  # hub id or local directory (weights loaded from there)
@@ -71,7 +72,7 @@ class ConnectorSpec:
         self.options = options
 
     @classmethod
-    def from_mapping(cls, data: dict, where: str) -> "ConnectorSpec":
+    def from_mapping(cls, data: dict, where: str) -> ConnectorSpec:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping, got {data!r}")
         data = dict(data)
@@ -114,9 +115,7 @@ class StageConfig:
     template: str | None = None  # None: the model's template; "pretrain" for caption alignment
     # per component: frozen | full | partial:<first trainable layer> (N, -N from the end, or P%)
     # | lora (LLM or vision: adapters on a frozen base) | qlora (LLM: adapters on a 4-bit base)
-    tune: dict[str, str] = field(
-        default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"}
-    )
+    tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"})
     lr: float = 2e-5  # every component's learning rate, unless it has its own below
     llm_lr: float | None = None  # own rate for the LLM (`--tune lora|qlora` sets lora.lr here)
     connector_lr: float | None = None  # own rate for the connector (None: lr)
@@ -204,7 +203,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-
 # Keys whose value replaces the previous layer's as a whole instead of merging into it:
 # a stage that reads `{shapes: caption}` must not inherit the recipe's `json:` path.
 ATOMIC_KEYS = {"data", "config"}
@@ -288,5 +286,3 @@ def to_dict(obj) -> Any:
     if isinstance(obj, list):
         return [to_dict(v) for v in obj]
     return obj
-
-

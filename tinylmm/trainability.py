@@ -95,11 +95,15 @@ def structures(cfg: RunConfig, component: str) -> dict[str, Structure]:
     for name, st in cfg.stages.items():
         m = mode(st, component, f"stages.{name}").mode
         if state == "qlora" and m not in ("qlora", "frozen"):
-            raise ConfigError(f"stages.{name}.tune.{component}: '{m}' after a qlora stage; the base is 4-bit "
-                              "from then on, so later stages can only be qlora or frozen")
+            raise ConfigError(
+                f"stages.{name}.tune.{component}: '{m}' after a qlora stage; the base is 4-bit "
+                "from then on, so later stages can only be qlora or frozen"
+            )
         if state == "lora" and m == "qlora":
-            raise ConfigError(f"stages.{name}.tune.{component}: qlora after a lora stage; use lora (adapters on "
-                              "the full-precision base) or start with qlora")
+            raise ConfigError(
+                f"stages.{name}.tune.{component}: qlora after a lora stage; use lora (adapters on "
+                "the full-precision base) or start with qlora"
+            )
         if m in ("lora", "qlora"):
             state = m
         elif m in ("full", "partial"):
@@ -127,8 +131,10 @@ def check_rates(stage: StageConfig, where: str) -> None:
     for key in ("lr", "llm_lr", "connector_lr", "vision_lr"):
         value = getattr(stage, key)
         if value is not None and not value > 0:
-            raise ConfigError(f"{where}.{key}={value} must be positive (to keep a component as it is, "
-                              f"set {where}.tune.<component>: frozen)")
+            raise ConfigError(
+                f"{where}.{key}={value} must be positive (to keep a component as it is, "
+                f"set {where}.tune.<component>: frozen)"
+            )
 
 
 # --------------------------------------------------------------------------- on a model
@@ -175,7 +181,7 @@ def is_adapter_param(name: str) -> bool:
     return "lora_" in name or "modules_to_save." in name
 
 
-def apply(model, stage: StageConfig, where: str = "stage") -> "Counts":
+def apply(model, stage: StageConfig, where: str = "stage") -> Counts:
     """Set requires_grad on every parameter as the stage's modes say; returns the counts."""
     for component in COMPONENTS:
         module = getattr(model, component)
@@ -237,6 +243,7 @@ def param_groups(model, stage: StageConfig) -> list[dict]:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         for params, wd, kind in ((decay, stage.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
             if params:
-                groups.append({"params": params, "lr": lrs[component], "weight_decay": wd,
-                               "name": f"{component}/{kind}"})
+                groups.append(
+                    {"params": params, "lr": lrs[component], "weight_decay": wd, "name": f"{component}/{kind}"}
+                )
     return groups

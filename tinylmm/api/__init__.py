@@ -22,6 +22,20 @@ zoo_select = zoo.select
 zoo_describe = zoo.describe
 
 __all__ = [
-    "LISTINGS", "ChatSession", "build", "convert_checkpoint", "copy_recipe", "evaluate_checkpoint", "listing", "load",
-    "merge_checkpoint", "plan", "register_zoo", "resolve_config", "train_run", "zoo", "zoo_describe", "zoo_select",
+    "LISTINGS",
+    "ChatSession",
+    "build",
+    "convert_checkpoint",
+    "copy_recipe",
+    "evaluate_checkpoint",
+    "listing",
+    "load",
+    "merge_checkpoint",
+    "plan",
+    "register_zoo",
+    "resolve_config",
+    "train_run",
+    "zoo",
+    "zoo_describe",
+    "zoo_select",
 ]

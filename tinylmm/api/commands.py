@@ -4,6 +4,7 @@ and prints). Each function imports the part of the house it needs when called, s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tinylmm.catalog import recipes, zoo
@@ -17,8 +18,16 @@ def register_zoo(path: str | Path | None) -> list[str]:
     return zoo.register(path) if path is not None else []
 
 
-def resolve_config(preset: str = "toy", recipe: str = "share", overrides=(), *, tune: str | None = None,
-                   llm: str | None = None, vision: str | None = None, config: str | Path | None = None):
+def resolve_config(
+    preset: str = "toy",
+    recipe: str = "share",
+    overrides=(),
+    *,
+    tune: str | None = None,
+    llm: str | None = None,
+    vision: str | None = None,
+    config: str | Path | None = None,
+):
     """The validated run config of preset + recipe + overrides, or of a saved config.yaml
     (`config`) with overrides on top. Returns (config, sources)."""
     from tinylmm.config import from_saved, load_resolved, resolve, validate
@@ -37,9 +46,20 @@ def resolve_config(preset: str = "toy", recipe: str = "share", overrides=(), *, 
     return cfg, sources
 
 
-def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, output_dir=None, config=None,
-              resume=None, evaluate: bool = True, console=None, tune: str | None = None,
-              llm: str | None = None, vision: str | None = None):
+def train_run(
+    preset: str = "toy",
+    recipe: str = "share",
+    overrides=(),
+    *,
+    output_dir=None,
+    config=None,
+    resume=None,
+    evaluate: bool = True,
+    console=None,
+    tune: str | None = None,
+    llm: str | None = None,
+    vision: str | None = None,
+):
     """`tinylmm train`: resolve the config (or reload a saved one) and train. Returns a
     `RunResult`. `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe
     trains it; `llm` / `vision` load that part from a local directory (or another hub id)."""
@@ -47,8 +67,9 @@ def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, outpu
 
     if resume is not None:
         if config is not None or overrides or tune is not None or llm is not None or vision is not None:
-            raise ConfigError("--resume continues a run with its saved config; drop --config, --tune, "
-                              "--llm, --vision and overrides")
+            raise ConfigError(
+                "--resume continues a run with its saved config; drop --config, --tune, --llm, --vision and overrides"
+            )
         return train(resume_dir=resume, console=console, evaluate=evaluate)
     cfg, sources = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config)
     if output_dir is not None:
@@ -57,17 +78,33 @@ def train_run(preset: str = "toy", recipe: str = "share", overrides=(), *, outpu
     return train(cfg, sources, console=console, evaluate=evaluate)
 
 
-def plan(preset: str = "toy", recipe: str = "share", overrides=(), *, tune: str | None = None,
-         llm: str | None = None, vision: str | None = None, seq_len: int | None = None,
-         micro_batch: int | None = None, logit_positions: int | None = None, budget: str | int = "24GB",
-         device: str = "cuda"):
+def plan(
+    preset: str = "toy",
+    recipe: str = "share",
+    overrides=(),
+    *,
+    tune: str | None = None,
+    llm: str | None = None,
+    vision: str | None = None,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    logit_positions: int | None = None,
+    budget: str | int = "24GB",
+    device: str = "cuda",
+):
     """`tinylmm plan`: the memory plan of every stage of the run (no weights needed)."""
     from tinylmm.memory import parse_size, plan_run
 
     budget_bytes = parse_size(budget)
     cfg, _ = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision)
-    return plan_run(cfg, seq_len=seq_len, micro_batch=micro_batch, budget_bytes=budget_bytes, device=device,
-                    logit_positions=logit_positions)
+    return plan_run(
+        cfg,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        budget_bytes=budget_bytes,
+        device=device,
+        logit_positions=logit_positions,
+    )
 
 
 def load(path, **kwargs):
@@ -133,8 +170,15 @@ class ChatSession:
             self.pending_image = None
         turns = self.turns + [("human", question)]
         kwargs = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {}
-        answer = chat_reply(self.model, self.processor, turns, self.images, on_text=on_text,
-                            max_new_tokens=self.max_new_tokens, **kwargs)
+        answer = chat_reply(
+            self.model,
+            self.processor,
+            turns,
+            self.images,
+            on_text=on_text,
+            max_new_tokens=self.max_new_tokens,
+            **kwargs,
+        )
         self.turns = turns + [("gpt", answer)]
         return answer
 
@@ -166,8 +210,9 @@ def merge_checkpoint(src, out=None, *, full_precision_base: bool = False) -> Pat
     return out
 
 
-def evaluate_checkpoint(model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32,
-                        max_new_tokens: int = 8):
+def evaluate_checkpoint(
+    model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32, max_new_tokens: int = 8
+):
     """`tinylmm eval`: score a checkpoint on a benchmark; returns (summary, results path)."""
     from tinylmm.eval import BENCHMARKS
 
@@ -175,9 +220,9 @@ def evaluate_checkpoint(model_dir, bench: str = "shapes", *, out=None, data=None
     model_dir = Path(model_dir)
     model, processor = load(model_dir)
     data = Path(data) if data is not None else benchmark.data_for(model_dir, processor)
-    out = Path(out) if out else model_dir.resolve().parent.parent / "eval" / f"{bench}.json"
-    summary = benchmark.evaluate(model, processor, data, out=out, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens)
+    # <model_dir>/../eval/: beside the checkpoint as named (run/final -> run/eval, the loop's own)
+    out = Path(out) if out else Path(os.path.abspath(model_dir)).parent / "eval" / f"{bench}.json"
+    summary = benchmark.evaluate(model, processor, data, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return summary, out
 
 

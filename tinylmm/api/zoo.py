@@ -62,10 +62,23 @@ def _stats(spec_json: str) -> Stats:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     images = image_processor_for(spec.vision, meta.vision)
     requirement = backend.requirement(spec.vision)
-    return Stats(count(meta.llm), count(meta.vision), backend.uncut_parameters(spec.vision), count(meta.connector),
-                 meta.num_image_tokens, images.size, meta.vision.patch_size, list(images.image_mean),
-                 list(images.image_std), images.pad_to_square, images.resize, meta.llm_config.model_type,
-                 backend.model_type(meta.vision), list(meta.notes), [list(requirement)] if requirement else [])
+    return Stats(
+        count(meta.llm),
+        count(meta.vision),
+        backend.uncut_parameters(spec.vision),
+        count(meta.connector),
+        meta.num_image_tokens,
+        images.size,
+        meta.vision.patch_size,
+        list(images.image_mean),
+        list(images.image_std),
+        images.pad_to_square,
+        images.resize,
+        meta.llm_config.model_type,
+        backend.model_type(meta.vision),
+        list(meta.notes),
+        [list(requirement)] if requirement else [],
+    )
 
 
 def _installed(module: str) -> bool:
@@ -100,17 +113,35 @@ def row(name: str) -> dict:
     c, missing = counts(name)
     spec = p.model_spec()
     rec = p.info.recommended
-    return {"name": p.name, "family": p.info.family, "vision_family": p.info.vision_family,
-            "llm": spec.llm.name_or_path or "(inline config)", "vision": spec.vision.name_or_path or "(inline config)",
-            "params": c and c["params"], "visual_tokens": c and c["visual_tokens"], "unavailable": missing,
-            "template": spec.template,
-            "licence": p.info.licence, "gated": p.info.gated, "commercial": p.info.commercial,
-            "recipe": rec.recipe if rec else None, "tune": rec.tune if rec else None,
-            "source": p.source, "description": p.description}
+    return {
+        "name": p.name,
+        "family": p.info.family,
+        "vision_family": p.info.vision_family,
+        "llm": spec.llm.name_or_path or "(inline config)",
+        "vision": spec.vision.name_or_path or "(inline config)",
+        "params": c and c["params"],
+        "visual_tokens": c and c["visual_tokens"],
+        "unavailable": missing,
+        "template": spec.template,
+        "licence": p.info.licence,
+        "gated": p.info.gated,
+        "commercial": p.info.commercial,
+        "recipe": rec.recipe if rec else None,
+        "tune": rec.tune if rec else None,
+        "source": p.source,
+        "description": p.description,
+    }
 
 
-def select(*, family: str | None = None, vision: str | None = None, max_params: int | None = None,
-           template: str | None = None, commercial: bool | None = None, gated: bool | None = None) -> list[dict]:
+def select(
+    *,
+    family: str | None = None,
+    vision: str | None = None,
+    max_params: int | None = None,
+    template: str | None = None,
+    commercial: bool | None = None,
+    gated: bool | None = None,
+) -> list[dict]:
     """The rows of `tinylmm zoo ls` that pass every filter given."""
     if family is not None:
         LLM_FAMILIES.get(family)
@@ -119,11 +150,14 @@ def select(*, family: str | None = None, vision: str | None = None, max_params: 
     out = []
     for name in zoo.names():
         r = row(name)
-        if ((family is None or r["family"] == family) and (vision is None or r["vision_family"] == vision)
-                and (max_params is None or (r["params"] is not None and r["params"] <= max_params))
-                and (template is None or r["template"] == template)
-                and (commercial is None or r["commercial"] is commercial)
-                and (gated is None or r["gated"] is gated)):
+        if (
+            (family is None or r["family"] == family)
+            and (vision is None or r["vision_family"] == vision)
+            and (max_params is None or (r["params"] is not None and r["params"] <= max_params))
+            and (template is None or r["template"] == template)
+            and (commercial is None or r["commercial"] is commercial)
+            and (gated is None or r["gated"] is gated)
+        ):
             out.append(r)
     return out
 
@@ -138,26 +172,59 @@ def plan_summary(name: str, budget_bytes: int | None = None) -> dict | None:
         return None
     cfg, _ = resolve(name, rec.recipe, tune=rec.tune)
     plan = plan_run(cfg, budget_bytes=budget_bytes or DEFAULT_BUDGET)
-    return {"recipe": rec.recipe, "tune": rec.tune, "budget": plan.budget, "fits": plan.fits,
-            "stages": [{"name": s.name, "tune": s.tune, "peak": s.total, "fits": s.fits, "micro_batch": s.micro_batch,
-                        "max_micro_batch": s.max_micro_batch, "seq_len": s.seq_len} for s in plan.stages],
-            "notes": plan.notes}
+    return {
+        "recipe": rec.recipe,
+        "tune": rec.tune,
+        "budget": plan.budget,
+        "fits": plan.fits,
+        "stages": [
+            {
+                "name": s.name,
+                "tune": s.tune,
+                "peak": s.total,
+                "fits": s.fits,
+                "micro_batch": s.micro_batch,
+                "max_micro_batch": s.max_micro_batch,
+                "seq_len": s.seq_len,
+            }
+            for s in plan.stages
+        ],
+        "notes": plan.notes,
+    }
 
 
 def describe(name: str, budget_bytes: int | None = None, plan: bool = True) -> dict:
     """Everything about a preset: its entry, parameters per part, image input, licence,
     scores and (plan=True) the memory plan of its recommended recipe."""
     p, s = zoo.get(name), stats(name)
-    return {"name": p.name, "description": p.description, "source": p.source, **asdict(p.info),
-            "model": p.model, "stage_defaults": p.stage_defaults, "run": p.run,
-            "params": {"llm": s.llm, "vision": s.vision, "vision_full": s.vision_full, "connector": s.connector,
-                       "total": s.total},
-            "visual_tokens": s.num_image_tokens,
-            "image": {"size": s.image_size, "patch_size": s.patch_size, "mean": s.image_mean, "std": s.image_std,
-                      "pad_to_square": s.pad_to_square, "resize": s.resize},
-            "model_types": {"llm": s.llm_model_type, "vision": s.vision_model_type},
-            "notes": s.notes,
-            "plan": plan_summary(name, budget_bytes) if plan else None}
+    return {
+        "name": p.name,
+        "description": p.description,
+        "source": p.source,
+        **asdict(p.info),
+        "model": p.model,
+        "stage_defaults": p.stage_defaults,
+        "run": p.run,
+        "params": {
+            "llm": s.llm,
+            "vision": s.vision,
+            "vision_full": s.vision_full,
+            "connector": s.connector,
+            "total": s.total,
+        },
+        "visual_tokens": s.num_image_tokens,
+        "image": {
+            "size": s.image_size,
+            "patch_size": s.patch_size,
+            "mean": s.image_mean,
+            "std": s.image_std,
+            "pad_to_square": s.pad_to_square,
+            "resize": s.resize,
+        },
+        "model_types": {"llm": s.llm_model_type, "vision": s.vision_model_type},
+        "notes": s.notes,
+        "plan": plan_summary(name, budget_bytes) if plan else None,
+    }
 
 
 def recorded_counts() -> dict:
@@ -168,6 +235,10 @@ def recorded_counts() -> dict:
         if not p.shipped:
             continue
         s = stats(name)
-        out[name] = {"model": to_dict(p.model_spec()), "params": s.total, "visual_tokens": s.num_image_tokens,
-                     "requires": s.requires}
+        out[name] = {
+            "model": to_dict(p.model_spec()),
+            "params": s.total,
+            "visual_tokens": s.num_image_tokens,
+            "requires": s.requires,
+        }
     return out

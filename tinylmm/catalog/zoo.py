@@ -97,8 +97,9 @@ def _parse(name: str, entry: dict, source: str = SHIPPED) -> Preset:
     for key, families in (("family", LLM_FAMILIES), ("vision_family", VISION_FAMILIES)):
         value = getattr(info, key)
         if value is not None and value not in families:
-            raise ConfigError(f"{where}.{key}: '{value}' is not one of {families.names()}"
-                              f"{did_you_mean(value, families.names())}")
+            raise ConfigError(
+                f"{where}.{key}: '{value}' is not one of {families.names()}{did_you_mean(value, families.names())}"
+            )
     if info.scores and not info.scores_source:
         raise ConfigError(f"{where}: scores need a 'scores_source' (where they are reported, for which recipe)")
     if info.recommended is not None and info.recommended.recipe not in recipes.shipped():
@@ -164,8 +165,10 @@ def register(path: str | Path) -> list[str]:
     new = _read(path, str(path))
     for name in new:
         if name in _shipped():
-            raise ConfigError(f"{path}: preset '{name}' is a shipped preset; give yours another name "
-                              f"(runs record their preset by name)")
+            raise ConfigError(
+                f"{path}: preset '{name}' is a shipped preset; give yours another name "
+                f"(runs record their preset by name)"
+            )
         other = _registered.get(name)
         if other is not None and other.source != source:
             raise ConfigError(f"{path}: preset '{name}' is already registered from {other.source}")

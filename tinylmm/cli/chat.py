@@ -12,7 +12,9 @@ def chat(
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="image to talk about"),
     max_new_tokens: int = typer.Option(256, help="longest answer, in tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
-    load_4bit: bool = typer.Option(False, "--load-4bit", help="load the LLM in 4-bit NF4 (bitsandbytes): about a quarter of the memory"),
+    load_4bit: bool = typer.Option(
+        False, "--load-4bit", help="load the LLM in 4-bit NF4 (bitsandbytes): about a quarter of the memory"
+    ),
 ):
     """Chat with a trained model; answers stream as they are generated. In the interactive
     chat, `/image PATH` switches image, `/reset` clears the history, `/quit` leaves."""

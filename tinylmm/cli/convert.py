@@ -28,4 +28,4 @@ def convert(
     console = Console()
     for note in notes:
         console.print(f"  {note}", highlight=False)
-    console.print(f"converted model: [bold]{path}[/bold]   try: tinylmm chat {path} --image IMG \"question\"")
+    console.print(f'converted model: [bold]{path}[/bold]   try: tinylmm chat {path} --image IMG "question"')

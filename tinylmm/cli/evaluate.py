@@ -10,7 +10,9 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
     bench: str = typer.Option("shapes", "--bench", "-b", help="benchmark name"),
     out: Optional[Path] = typer.Option(None, "--out", help="results JSON (default <model_dir>/../eval/<bench>.json)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="benchmark data folder (shapes: made on the fly if absent)"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="benchmark data folder (shapes: made on the fly if absent)"
+    ),
     batch_size: int = typer.Option(32, help="questions per generation batch"),
 ):
     """Evaluate a checkpoint on a benchmark and write the scores as JSON."""

@@ -12,16 +12,29 @@ def plan(
     overrides: list[str] = typer.Argument(None, help="key=value config overrides, as for `tinylmm train`"),
     preset: str = typer.Option("toy", "--preset", "-p", help="model preset (tinylmm ls presets)"),
     recipe: str = typer.Option("share", "--recipe", "-r", help="recipe name or YAML file (tinylmm ls recipes)"),
-    tune: Optional[str] = typer.Option(None, "--tune", help="full | lora | qlora: how stages that train the LLM train it"),
-    llm: Optional[str] = typer.Option(None, "--llm", help="the preset's LLM from this local directory (its config.json is planned)"),
+    tune: Optional[str] = typer.Option(
+        None, "--tune", help="full | lora | qlora: how stages that train the LLM train it"
+    ),
+    llm: Optional[str] = typer.Option(
+        None, "--llm", help="the preset's LLM from this local directory (its config.json is planned)"
+    ),
     vision: Optional[str] = typer.Option(None, "--vision", help="the preset's vision tower from this local directory"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="tokens per sample, visual tokens included (default: each stage's max_len)"),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="samples per step and process (default: each stage's micro_batch_size)"),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", min=1, help="tokens per sample, visual tokens included (default: each stage's max_len)"
+    ),
+    micro_batch: Optional[int] = typer.Option(
+        None, "--micro-batch", min=1, help="samples per step and process (default: each stage's micro_batch_size)"
+    ),
     logit_positions: Optional[int] = typer.Option(
-        None, "--logit-positions", min=1,
+        None,
+        "--logit-positions",
+        min=1,
         help="positions per sample where the LM head runs: those whose next token some sample supervises "
-             "(default: every text position, the worst case)"),
-    budget: str = typer.Option("24GB", "--budget", help="memory of the device, e.g. 24GB, 16GiB, 12000MB (GB = GiB = 2^30 bytes)"),
+        "(default: every text position, the worst case)",
+    ),
+    budget: str = typer.Option(
+        "24GB", "--budget", help="memory of the device, e.g. 24GB, 16GiB, 12000MB (GB = GiB = 2^30 bytes)"
+    ),
     device: str = typer.Option("cuda", "--device", help="cuda (default: plan for one GPU) | cpu"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     zoo_file: Optional[Path] = typer.Option(None, "--zoo", help=ZOO_HELP),
@@ -35,14 +48,27 @@ def plan(
     from tinylmm.memory import fmt_bytes
 
     api.register_zoo(zoo_file)
-    result = api.plan(preset, recipe, overrides or [], tune=tune, llm=llm, vision=vision, seq_len=seq_len,
-                      micro_batch=micro_batch, logit_positions=logit_positions, budget=budget, device=device)
+    result = api.plan(
+        preset,
+        recipe,
+        overrides or [],
+        tune=tune,
+        llm=llm,
+        vision=vision,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        logit_positions=logit_positions,
+        budget=budget,
+        device=device,
+    )
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     out = Console()
-    out.print(f"[bold]memory plan[/bold]: preset {result.preset}, recipe {result.recipe}, {result.device}, "
-              f"budget {fmt_bytes(result.budget)}" + (f", --tune {tune}" if tune else ""))
+    out.print(
+        f"[bold]memory plan[/bold]: preset {result.preset}, recipe {result.recipe}, {result.device}, "
+        f"budget {fmt_bytes(result.budget)}" + (f", --tune {tune}" if tune else "")
+    )
     for table, stage in zip(result.rich_tables(), result.stages):
         out.print(table)
         for note in stage.notes:

@@ -25,9 +25,13 @@ def _terms(r: dict) -> str:
 
 @app.command("ls")
 def ls(
-    family: Optional[str] = typer.Option(None, "--family", help="LLM family: phi2, qwen2.5, qwen3, llama3.2, gemma2 ..."),
+    family: Optional[str] = typer.Option(
+        None, "--family", help="LLM family: phi2, qwen2.5, qwen3, llama3.2, gemma2 ..."
+    ),
     vision: Optional[str] = typer.Option(None, "--vision", help="vision family: siglip, siglip2, clip ..."),
-    max_params: Optional[str] = typer.Option(None, "--max-params", help="at most this many parameters in all, e.g. 2B, 800M"),
+    max_params: Optional[str] = typer.Option(
+        None, "--max-params", help="at most this many parameters in all, e.g. 2B, 800M"
+    ),
     template: Optional[str] = typer.Option(None, "--template", help="conversation template: auto, phi, llama ..."),
     commercial: bool = typer.Option(False, "--commercial", help="only presets whose licences allow commercial use"),
     ungated: bool = typer.Option(False, "--ungated", help="only presets that download without accepting a licence"),
@@ -45,9 +49,14 @@ def ls(
     from tinylmm.catalog.zoo import parse_count
 
     api.register_zoo(zoo_file)
-    rows = api.zoo_select(family=family, vision=vision, template=template,
-                          max_params=parse_count(max_params) if max_params else None,
-                          commercial=True if commercial else None, gated=False if ungated else None)
+    rows = api.zoo_select(
+        family=family,
+        vision=vision,
+        template=template,
+        max_params=parse_count(max_params) if max_params else None,
+        commercial=True if commercial else None,
+        gated=False if ungated else None,
+    )
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -56,13 +65,28 @@ def ls(
     table = Table(title=f"model zoo: {len(rows)} presets", title_justify="left")
     width = max((len(r["name"]) for r in rows), default=4)
     table.add_column("name", style="bold", no_wrap=True, min_width=width)
-    for col, justify in (("LLM", "left"), ("vision", "left"), ("params", "right"), ("tokens", "right"),
-                         ("template", "left"), ("terms", "left"), ("recipe/tune", "left")):
+    for col, justify in (
+        ("LLM", "left"),
+        ("vision", "left"),
+        ("params", "right"),
+        ("tokens", "right"),
+        ("template", "left"),
+        ("terms", "left"),
+        ("recipe/tune", "left"),
+    ):
         table.add_column(col, justify=justify)
     for r in rows:
         rec = f"{r['recipe']}/{r['tune']}" if r["recipe"] else "-"
-        table.add_row(r["name"], r["family"] or "-", r["vision_family"] or "-", _billions(r["params"]),
-                      str(r["visual_tokens"] or "-"), r["template"], _terms(r), rec)
+        table.add_row(
+            r["name"],
+            r["family"] or "-",
+            r["vision_family"] or "-",
+            _billions(r["params"]),
+            str(r["visual_tokens"] or "-"),
+            r["template"],
+            _terms(r),
+            rec,
+        )
     console = Console()
     console.print(table)
     missing = {r["unavailable"] for r in rows if r["unavailable"]}
@@ -99,20 +123,36 @@ def show(
     facts.add_column(style="bold")
     facts.add_column()
     img = d["image"]
-    rows = [("LLM", f"{d['model']['llm'].get('name_or_path') or '(inline config)'} ({d['family']}, "
-                    f"{d['model_types']['llm']})"),
-            ("vision tower", f"{d['model']['vision'].get('name_or_path') or '(inline config)'} ({d['vision_family']}, "
-                             f"{d['model_types']['vision']})"),
-            ("connector", str(d["model"].get("connector", {}).get("type", "mlp2x_gelu"))),
-            ("template", str(d["model"].get("template", "phi"))),
-            ("visual tokens", f"{d['visual_tokens']} per image"),
-            ("image", f"{img['size']} x {img['size']} px, patch {img['patch_size']}; "
-                      f"{'padded to a square with the mean colour, ' if img['pad_to_square'] else ''}resized "
-                      f"({img['resize']}); normalised with mean {img['mean']} std {img['std']}"),
-            ("licence", f"{d['licence'] or '-'}" + (" [gated]" if d["gated"] else "")
-             + (" [non-commercial]" if d["commercial"] is False else "")),
-            ("recommended", f"--recipe {d['recommended']['recipe']} --tune {d['recommended']['tune']}"
-             if d["recommended"] else "-")]
+    rows = [
+        (
+            "LLM",
+            f"{d['model']['llm'].get('name_or_path') or '(inline config)'} ({d['family']}, {d['model_types']['llm']})",
+        ),
+        (
+            "vision tower",
+            f"{d['model']['vision'].get('name_or_path') or '(inline config)'} ({d['vision_family']}, "
+            f"{d['model_types']['vision']})",
+        ),
+        ("connector", str(d["model"].get("connector", {}).get("type", "mlp2x_gelu"))),
+        ("template", str(d["model"].get("template", "phi"))),
+        ("visual tokens", f"{d['visual_tokens']} per image"),
+        (
+            "image",
+            f"{img['size']} x {img['size']} px, patch {img['patch_size']}; "
+            f"{'padded to a square with the mean colour, ' if img['pad_to_square'] else ''}resized "
+            f"({img['resize']}); normalised with mean {img['mean']} std {img['std']}",
+        ),
+        (
+            "licence",
+            f"{d['licence'] or '-'}"
+            + (" [gated]" if d["gated"] else "")
+            + (" [non-commercial]" if d["commercial"] is False else ""),
+        ),
+        (
+            "recommended",
+            f"--recipe {d['recommended']['recipe']} --tune {d['recommended']['tune']}" if d["recommended"] else "-",
+        ),
+    ]
     for k, v in rows:
         facts.add_row(k, v)
     out.print(facts)
@@ -122,8 +162,9 @@ def show(
     params.add_column("part")
     params.add_column("parameters", justify="right")
     params.add_row("LLM (embedding grown for <image> where needed)", f"{p['llm']:,}")
-    params.add_row(f"vision tower, cut at feature layer {d['model']['vision'].get('feature_layer', -2)}",
-                   f"{p['vision']:,}")
+    params.add_row(
+        f"vision tower, cut at feature layer {d['model']['vision'].get('feature_layer', -2)}", f"{p['vision']:,}"
+    )
     params.add_row("connector", f"{p['connector']:,}")
     params.add_row("[bold]total[/bold]", f"[bold]{p['total']:,}[/bold] ({_billions(p['total'])})", end_section=True)
     params.add_row("[dim]vision tower uncut (every layer, head)[/dim]", f"[dim]{p['vision_full']:,}[/dim]")
@@ -138,19 +179,31 @@ def show(
         out.print(f"[dim]source: {d['scores_source']}[/dim]", highlight=False)
     for extra in ("stage_defaults", "run"):
         if d[extra]:
-            out.print(f"[bold]{extra}[/bold]:\n" + yaml.safe_dump(d[extra], sort_keys=False, default_flow_style=None, width=100).rstrip(),
-                      highlight=False)
+            out.print(
+                f"[bold]{extra}[/bold]:\n"
+                + yaml.safe_dump(d[extra], sort_keys=False, default_flow_style=None, width=100).rstrip(),
+                highlight=False,
+            )
 
     plan = d["plan"]
     if plan:
-        t = Table(title=f"memory plan: --recipe {plan['recipe']} --tune {plan['tune']}, one GPU, "
-                        f"budget {fmt_bytes(plan['budget'])} (tinylmm plan for the breakdown)", title_justify="left")
+        t = Table(
+            title=f"memory plan: --recipe {plan['recipe']} --tune {plan['tune']}, one GPU, "
+            f"budget {fmt_bytes(plan['budget'])} (tinylmm plan for the breakdown)",
+            title_justify="left",
+        )
         for col in ("stage", "vision / connector / llm", "micro-batch x tokens", "peak", "fits", "largest micro-batch"):
             t.add_column(col, justify="right" if col in ("peak", "largest micro-batch") else "left")
         for s in plan["stages"]:
             tune = " / ".join(s["tune"][c] for c in ("vision", "connector", "llm"))
-            t.add_row(s["name"], tune, f"{s['micro_batch']} x {s['seq_len']}", fmt_bytes(s["peak"]),
-                      "[green]yes[/green]" if s["fits"] else "[red]no[/red]", str(s["max_micro_batch"]))
+            t.add_row(
+                s["name"],
+                tune,
+                f"{s['micro_batch']} x {s['seq_len']}",
+                fmt_bytes(s["peak"]),
+                "[green]yes[/green]" if s["fits"] else "[red]no[/red]",
+                str(s["max_micro_batch"]),
+            )
         out.print(t)
     for note in d["notes"]:
         out.print(f"[dim]note: {note}[/dim]", highlight=False)

@@ -32,19 +32,52 @@ from tinylmm.schema import (
 )
 
 
-def resolve(preset: str = "toy", recipe: str = "share", overrides=(), *, output_dir: str | None = None,
-            tune: str | None = None, llm: str | None = None, vision: str | None = None):
+def resolve(
+    preset: str = "toy",
+    recipe: str = "share",
+    overrides=(),
+    *,
+    output_dir: str | None = None,
+    tune: str | None = None,
+    llm: str | None = None,
+    vision: str | None = None,
+):
     """The run config of preset + recipe + overrides (+ `--tune`), validated. Returns
     (config, sources): `sources` names the layer that set each dotted key."""
-    cfg, sources = layer_config(preset, recipe, list(overrides), output_dir=output_dir, tune=tune, llm=llm,
-                                vision=vision)
+    cfg, sources = layer_config(
+        preset, recipe, list(overrides), output_dir=output_dir, tune=tune, llm=llm, vision=vision
+    )
     validate(cfg)
     return cfg, sources
 
 
 __all__ = [
-    "COMPONENTS", "TUNE_SWITCHES", "ConfigError", "ConnectorSpec", "DataSpec", "EvalConfig", "LLMSpec", "Layers",
-    "LoraSpec", "ModelSpec", "QuantSpec", "RunConfig", "ShapesConfig", "StageConfig", "TrainConfig", "VisionSpec",
-    "apply_tune_switch", "did_you_mean", "dump_resolved", "from_dict", "from_saved", "layer_config",
-    "load_resolved", "parse_override", "resolve", "to_dict", "unknown", "validate",
+    "COMPONENTS",
+    "TUNE_SWITCHES",
+    "ConfigError",
+    "ConnectorSpec",
+    "DataSpec",
+    "EvalConfig",
+    "LLMSpec",
+    "Layers",
+    "LoraSpec",
+    "ModelSpec",
+    "QuantSpec",
+    "RunConfig",
+    "ShapesConfig",
+    "StageConfig",
+    "TrainConfig",
+    "VisionSpec",
+    "apply_tune_switch",
+    "did_you_mean",
+    "dump_resolved",
+    "from_dict",
+    "from_saved",
+    "layer_config",
+    "load_resolved",
+    "parse_override",
+    "resolve",
+    "to_dict",
+    "unknown",
+    "validate",
 ]

@@ -120,4 +120,3 @@ def from_saved(config: RunConfig, name: str, overrides=()) -> tuple[RunConfig, d
         key, value = parse_override(o)
         layers.set(key, value, "override")
     return from_dict(RunConfig, layers.data), layers.sources
-

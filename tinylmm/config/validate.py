@@ -17,8 +17,9 @@ def validate(cfg: RunConfig) -> None:
     connector_options(cfg.model.connector)
     VISION_BACKENDS.get(cfg.model.vision.backend, "model.vision.name_or_path").validate(cfg.model.vision)
     if cfg.model.vision.image_size is not None and cfg.model.vision.image_size <= 0:
-        raise ConfigError(f"model.vision.image_size={cfg.model.vision.image_size} must be positive "
-                          "(or null: the tower's own)")
+        raise ConfigError(
+            f"model.vision.image_size={cfg.model.vision.image_size} must be positive (or null: the tower's own)"
+        )
     TEMPLATES.get(cfg.model.template, "model.template")
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")

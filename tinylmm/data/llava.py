@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tinylmm.data.templates import ChatTemplate, Template, tokenizer_name
 from tinylmm.data.processor import Encoded, Processor, SampleError, collate
+from tinylmm.data.templates import ChatTemplate, Template, tokenizer_name
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -67,8 +67,14 @@ def _turns(sample: dict) -> list[tuple[str, str]]:
 
 
 class LlavaDataset(Dataset):
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor: Processor,
-                 template: Template | ChatTemplate, max_len: int):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None,
+        processor: Processor,
+        template: Template | ChatTemplate,
+        max_len: int,
+    ):
         json_path = Path(json_path)
         if not json_path.exists():
             raise DataError(f"dataset file '{json_path}' does not exist")
@@ -105,9 +111,11 @@ class LlavaDataset(Dataset):
                 raise DataError(
                     f"no sample of '{json_path}' has a supervised token under template '{template.name}' with "
                     f"tokenizer '{tokenizer_name(processor.tokenizer)}' (a template of another model family, or "
-                    f"max_len {max_len} too short for every answer); first: {self.report.skipped[:3]}")
-            raise DataError(f"no usable sample in '{json_path}': {self.report.summary()}; "
-                            f"first: {self.report.skipped[:3]}")
+                    f"max_len {max_len} too short for every answer); first: {self.report.skipped[:3]}"
+                )
+            raise DataError(
+                f"no usable sample in '{json_path}': {self.report.summary()}; first: {self.report.skipped[:3]}"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinylmm.errors import did_you_mean
 from tinylmm.data.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -21,7 +20,7 @@ from tinylmm.data.templates import (
     bind_template,
     tokenize_with_labels,
 )
-
+from tinylmm.errors import did_you_mean
 
 RESIZE_MODES = ("squash", "shortest", "shortest_floor", "longest")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -53,8 +52,9 @@ class ImageProcessor:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"image processor: resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"image processor: interpolation '{self.interpolation}' is not one of "
-                             f"{', '.join(INTERPOLATIONS)}")
+            raise ValueError(
+                f"image processor: interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}"
+            )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
@@ -97,7 +97,7 @@ class ImageProcessor:
         (Path(directory) / "image_processor.json").write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, directory: Path) -> "ImageProcessor":
+    def load(cls, directory: Path) -> ImageProcessor:
         path = Path(directory) / "image_processor.json"
         data = json.loads(path.read_text())
         names = [f.name for f in fields(cls)]
@@ -167,8 +167,14 @@ class Processor:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def encode(self, turns, template: Template | ChatTemplate | None = None, num_images: int | None = None,
-               max_len: int | None = None, add_generation_prompt: bool = False) -> Encoded:
+    def encode(
+        self,
+        turns,
+        template: Template | ChatTemplate | None = None,
+        num_images: int | None = None,
+        max_len: int | None = None,
+        add_generation_prompt: bool = False,
+    ) -> Encoded:
         """Tokenize a conversation [(role, text) ...] with labels; raise SampleError if unusable."""
         template = template or self.template
         if template not in self._checked:  # once per template object

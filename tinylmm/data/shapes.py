@@ -17,9 +17,9 @@ import random
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image, ImageDraw
 
@@ -206,8 +206,12 @@ def _eval_sample(i: int, rng: random.Random) -> tuple[Scene, dict]:
         qa = ask(scene, qtype, rng)
         if qa is not None and qa[1] == target:
             break
-    sample = {"conversations": [_turn("human", "<image>\n" + qa[0]), _turn("gpt", target)],
-              "question_type": qtype, "answer": target, "choices": CHOICES[qtype]}
+    sample = {
+        "conversations": [_turn("human", "<image>\n" + qa[0]), _turn("gpt", target)],
+        "question_type": qtype,
+        "answer": target,
+        "choices": CHOICES[qtype],
+    }
     return scene, sample
 
 
@@ -237,14 +241,32 @@ def _read_meta(root: Path) -> dict | None:
         return None
 
 
-def write_shapes_dataset(root: str | Path, *, seed: int = 0, n_caption: int = 2000, n_instruct: int = 2000,
-                         n_eval: int = 300, image_size: int = 64) -> dict[str, Path]:
+def write_shapes_dataset(
+    root: str | Path,
+    *,
+    seed: int = 0,
+    n_caption: int = 2000,
+    n_instruct: int = 2000,
+    n_eval: int = 300,
+    image_size: int = 64,
+) -> dict[str, Path]:
     """Write (or reuse) the dataset under `root`; returns the split JSONs and the image root."""
     root = Path(root)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "seed": seed, "n_caption": n_caption,
-            "n_instruct": n_instruct, "n_eval": n_eval, "image_size": int(image_size)}
-    paths = {"caption": root / "caption.json", "instruct": root / "instruct.json",
-             "eval": root / "eval.json", "images": root}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "n_caption": n_caption,
+        "n_instruct": n_instruct,
+        "n_eval": n_eval,
+        "image_size": int(image_size),
+    }
+    paths = {
+        "caption": root / "caption.json",
+        "instruct": root / "instruct.json",
+        "eval": root / "eval.json",
+        "images": root,
+    }
     if _read_meta(root) == meta and all(p.exists() for p in paths.values()):
         return paths
     old_meta = _read_meta(root)

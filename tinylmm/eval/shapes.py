@@ -20,8 +20,16 @@ def normalize(text: str) -> str:
     return text.strip().lower().rstrip(".!?").strip()
 
 
-def evaluate_shapes(model, processor, shapes_root: Path, cfg=None, *, out: Path | None = None,
-                    batch_size: int | None = None, max_new_tokens: int | None = None) -> dict:
+def evaluate_shapes(
+    model,
+    processor,
+    shapes_root: Path,
+    cfg=None,
+    *,
+    out: Path | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict:
     eval_json = Path(shapes_root) / "eval.json"
     if not eval_json.exists():
         raise FileNotFoundError(f"no shapes eval split at '{eval_json}'")
@@ -39,9 +47,16 @@ def evaluate_shapes(model, processor, shapes_root: Path, cfg=None, *, out: Path 
                 images.append([im.copy()])
         answers = generate_batch(model, processor, convs, images, max_new_tokens=max_new_tokens)
         for s, a in zip(chunk, answers):
-            records.append({"id": s["id"], "question_type": s["question_type"], "answer": s["answer"],
-                            "prediction": a, "correct": normalize(a) == normalize(s["answer"]),
-                            "chance": 1.0 / len(s["choices"])})
+            records.append(
+                {
+                    "id": s["id"],
+                    "question_type": s["question_type"],
+                    "answer": s["answer"],
+                    "prediction": a,
+                    "correct": normalize(a) == normalize(s["answer"]),
+                    "chance": 1.0 / len(s["choices"]),
+                }
+            )
     by_type = defaultdict(list)
     for r in records:
         by_type[r["question_type"]].append(r)
@@ -51,8 +66,11 @@ def evaluate_shapes(model, processor, shapes_root: Path, cfg=None, *, out: Path 
         "accuracy": sum(r["correct"] for r in records) / len(records),
         "chance": sum(r["chance"] for r in records) / len(records),
         "by_type": {
-            t: {"n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
-                "chance": sum(r["chance"] for r in rs) / len(rs)}
+            t: {
+                "n": len(rs),
+                "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                "chance": sum(r["chance"] for r in rs) / len(rs),
+            }
             for t, rs in sorted(by_type.items())
         },
     }
@@ -72,8 +90,9 @@ def shapes_data_for(model_dir: Path, processor) -> Path:
             return candidate
     s, size = ShapesConfig(), processor.image_processor.size
     root = Path.home() / ".cache" / "tinylmm" / f"shapes-{size}"
-    return write_shapes_dataset(root, seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct,
-                                n_eval=s.n_eval, image_size=size)["images"]
+    return write_shapes_dataset(
+        root, seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct, n_eval=s.n_eval, image_size=size
+    )["images"]
 
 
 @BENCHMARKS.register("shapes")

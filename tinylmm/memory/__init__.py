@@ -28,6 +28,7 @@ from tinylmm.memory.arch import (
     count_vision_parameters,
     embedded_archs,
 )
+from tinylmm.memory.components import ComponentState, component_state
 from tinylmm.memory.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
@@ -39,12 +40,31 @@ from tinylmm.memory.plan import (
 )
 from tinylmm.memory.sizes import GiB, MiB, fmt_bytes, parse_size
 from tinylmm.memory.storage import Storage, stage_storage
-from tinylmm.memory.components import ComponentState, component_state
 
 __all__ = [
-    "ALLOCATOR_SLACK", "CUDA_CONTEXT_BYTES", "DEFAULT_BUDGET", "GiB", "MiB",
-    "Activations", "ComponentState", "MetaModel", "RunPlan", "StagePlan",
-    "Storage", "arch_config", "arch_file", "build_meta", "component_state", "count_llm_parameters",
-    "count_vision_parameters", "default_logit_positions", "embedded_archs", "fmt_bytes", "parse_size", "plan_run",
-    "resolve_plan_precision", "stage_activations", "stage_storage",
+    "ALLOCATOR_SLACK",
+    "CUDA_CONTEXT_BYTES",
+    "DEFAULT_BUDGET",
+    "GiB",
+    "MiB",
+    "Activations",
+    "ComponentState",
+    "MetaModel",
+    "RunPlan",
+    "StagePlan",
+    "Storage",
+    "arch_config",
+    "arch_file",
+    "build_meta",
+    "component_state",
+    "count_llm_parameters",
+    "count_vision_parameters",
+    "default_logit_positions",
+    "embedded_archs",
+    "fmt_bytes",
+    "parse_size",
+    "plan_run",
+    "resolve_plan_precision",
+    "stage_activations",
+    "stage_storage",
 ]

@@ -17,17 +17,8 @@ from dataclasses import dataclass, field
 
 from tinylmm.errors import ConfigError
 from tinylmm.memory.arch import MetaModel
-from tinylmm.memory.layers import (
-    MEASURED_LLMS,
-    LayerView,
-    decoder_layer,
-    dinov2_layer,
-    llm_dims,
-    openclip_block,
-    openclip_embeddings,
-    vit_layer,
-)
 from tinylmm.memory.components import HALF, ComponentState, component_state
+from tinylmm.memory.layers import MEASURED_LLMS, LayerView, decoder_layer, llm_dims
 from tinylmm.memory.tracer import Linear, Norm, Sym, Tracer
 from tinylmm.models.llm import decoder_layers
 from tinylmm.schema import COMPONENTS, RunConfig
@@ -133,21 +124,28 @@ class Activations:
         vision = {"activations: vision tower": part["vision"], "activations: connector": part["connector"]}
         copies = {"activations: autocast weight copies": part["fixed"]}
         out = {
-            "end of forward": {**llm, **vision,
-                               "activations: logits + loss": part["loss"] + logits * (self.logit_bytes + fp32_copy),
-                               "activations: autocast weight copies": self.cached()},
+            "end of forward": {
+                **llm,
+                **vision,
+                "activations: logits + loss": part["loss"] + logits * (self.logit_bytes + fp32_copy),
+                "activations: autocast weight copies": self.cached(),
+            },
             "start of backward": {**llm, **vision, "activations: logits + loss": part["loss"] + logits * 8, **copies},
         }
         # the loss and what ran after a stack (the LLM's final norm, the connector) are done
         llm_tail = {"activations: LLM": part["llm"] - self.llm.tail * tok_llm}
         tower = {"activations: vision tower": part["vision"]}
-        for moment, stack, tokens, live in (("backward of an LLM layer", self.llm, tok_llm, {**llm_tail, **vision}),
-                                            ("backward of a vision layer", self.vision, tok_vis, tower)):
+        for moment, stack, tokens, live in (
+            ("backward of an LLM layer", self.llm, tok_llm, {**llm_tail, **vision}),
+            ("backward of a vision layer", self.vision, tok_vis, tower),
+        ):
             if stack.grads:
                 out[moment] = {
-                    **live, **copies,
+                    **live,
+                    **copies,
                     "activations: checkpoint recompute": stack.recompute(tokens) if gc else 0.0,
-                    "activations: gradients in backward": stack.grads * tokens}
+                    "activations: gradients in backward": stack.grads * tokens,
+                }
         return out
 
     def rows(self, batch: int, gc: bool) -> tuple[str, dict[str, float]]:
@@ -182,8 +180,66 @@ class ConnectorTrace:
 
     def totals(self) -> tuple[float, float, float]:
         """(bytes saved per sample, autocast weight copies saved, autocast weight copies cached)."""
-        return (sum(tr.per_token() * tokens for tr, tokens in self._tracers),
-                sum(tr.fixed for tr, _ in self._tracers), sum(tr.cached for tr, _ in self._tracers))
+        return (
+            sum(tr.per_token() * tokens for tr, tokens in self._tracers),
+            sum(tr.fixed for tr, _ in self._tracers),
+            sum(tr.cached for tr, _ in self._tracers),
+        )
+
+
+class TowerTrace:
+    """What a vision tower's `trace` gets. The tower replays its forward: what runs before
+    its blocks on `top`, then its blocks through `blocks`; every tracer counts its saves
+    once per tower token (patches and prefix tokens). Towers use this by duck typing: the
+    models package does not import the planner.
+
+      top            the Tracer of what the tower saves outside its blocks
+      autocast, eager  whether autocast runs; whether attention is eager
+      wbytes(p), trains(p)  a parameter's storage bytes per element, whether it trains
+      tensor(n, b, grad)    a new tensor (Sym), per token
+      norm(weight)   a norm's (or any per-channel weight's) Norm
+      view(layer)    a block's LayerView: its linear layers and norms by name
+      blocks(x, run_block)  traces the blocks (`tower.layers`) on x, run_block(tr, x, view)
+                     per block with a fresh tracer; returns the last block's output
+    """
+
+    def __init__(
+        self, tower, new_tracer, state: ComponentState, cfg: RunConfig, half: int | None, *, autocast: bool, eager: bool
+    ):
+        self.top: Tracer = new_tracer()
+        self.autocast, self.eager = autocast, eager
+        self._tower, self._new, self._state, self._cfg, self._half = tower, new_tracer, state, cfg, half
+        self._names = {id(m): n for n, m in tower.named_modules()}
+        self._stack = StackActs()
+
+    def wbytes(self, p) -> float:
+        return self._state.bytes_per_element(p, self._half, self._cfg.quant.bits)
+
+    def trains(self, p) -> bool:
+        return self._state.trains(p)
+
+    @staticmethod
+    def tensor(n: float, b: float, grad: bool) -> Sym:
+        return Sym(n, b, grad)
+
+    def norm(self, weight) -> Norm:
+        return Norm(self.wbytes(weight), self.trains(weight))
+
+    def view(self, layer) -> LayerView:
+        return LayerView(layer, self._names[id(layer)], self._state, self._cfg, self._half)
+
+    def blocks(self, x: Sym, run_block) -> Sym:
+        x, self._stack = _trace_stack(
+            self._new, x, self._tower.layers, lambda tr, x, layer: run_block(tr, x, self.view(layer))
+        )
+        return x
+
+    def acts(self) -> StackActs:
+        """The tower's StackActs, once `trace` is done: its blocks', and outside them `top`'s saves."""
+        acts = self._stack
+        acts.outside, acts.fixed_outside = self.top.per_token(), self.top.fixed
+        acts.cached += self.top.cached
+        return acts
 
 
 def default_logit_positions(meta: MetaModel, seq_len: int) -> int:
@@ -196,9 +252,17 @@ def _has_flash() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: int, precision: str,
-                      device: str, logit_positions: int | None = None,
-                      states: dict[str, ComponentState] | None = None) -> Activations:
+def stage_activations(
+    meta: MetaModel,
+    cfg: RunConfig,
+    stage: str,
+    *,
+    seq_len: int,
+    precision: str,
+    device: str,
+    logit_positions: int | None = None,
+    states: dict[str, ComponentState] | None = None,
+) -> Activations:
     """Every sample padded to `seq_len` tokens (a padding mask is materialised: the worst
     case), one image per sample, the LM head at `logit_positions` positions per sample
     (default: `default_logit_positions`)."""
@@ -211,8 +275,9 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     states = states or {c: component_state(meta, cfg, stage, c) for c in COMPONENTS}
     M = meta.num_image_tokens
     if seq_len < M:
-        raise ConfigError(f"stages.{stage}: a sequence of {seq_len} tokens cannot hold the {M} visual tokens "
-                          "of an image")
+        raise ConfigError(
+            f"stages.{stage}: a sequence of {seq_len} tokens cannot hold the {M} visual tokens of an image"
+        )
     K = default_logit_positions(meta, seq_len) if logit_positions is None else logit_positions
     if not 1 <= K <= seq_len - 1:
         raise ConfigError(f"stages.{stage}: {K} logit positions; a sequence of {seq_len} tokens has 1 to {seq_len - 1}")
@@ -225,55 +290,11 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
         return lambda p: state.bytes_per_element(p, half, cfg.quant.bits)
 
     # ---------------------------------------------------------------- vision tower
-    vs = states["vision"]
-    v_bytes = wbytes(vs)
-    vt = meta.vision
-    tok_v = meta.tower_tokens
-    top = tracer(tok_v)()
-    openclip = vt.spec.backend == "open_clip"
-    conv_w = vt.patch_embedding.weight
-    conv_train = vs.trains(conv_w)
-    patch = vt.patch_size
-    px = top.cast(Sym(3 * patch**2, 4, False), v_bytes(conv_w))  # pixels cast to the conv dtype
-    if conv_train:
-        top.save(top.cast(px, top.c) if autocast else px)
-        if autocast:
-            top.fixed += top.c * conv_w.numel()
-    conv_out = top.c if autocast else v_bytes(conv_w)
-    names = {id(m): n for n, m in vt.named_modules()}
-    if openclip:
-        emb, pre_norm = openclip_embeddings(vt)
-        # timm adds its position embedding as is (type promotion); open_clip casts it to x's dtype
-        x = Sym(vt.hidden_size, max([conv_out] + [v_bytes(p) for p in emb]) if vt.timm else conv_out,
-                conv_train or any(vs.trains(p) for p in emb))
-        if pre_norm is not None:
-            x = top.layernorm(x, Norm(v_bytes(pre_norm.weight), vs.trains(pre_norm.weight)))
-
-        def run_vit(tr, x, layer):
-            return openclip_block(tr, x, LayerView(layer, names[id(layer)], vs, cfg, half))
-    else:
-        inner, vcfg = vt._inner[0], meta.vision_config
-        emb = inner.embeddings
-        # CLIP / SigLIP: an nn.Embedding of positions; DINOv2: position embeddings (interpolated
-        # to the input size: a fixed-size computation that saves nothing per token) and a CLS
-        # token concatenated to the patches, both as parameters: type promotion takes the widest
-        added = [emb.position_embedding.weight] if hasattr(emb, "position_embedding") else [
-            emb.position_embeddings, emb.cls_token]
-        x = Sym(vcfg.hidden_size, max([conv_out] + [v_bytes(p) for p in added]),
-                conv_train or any(vs.trains(p) for p in added))
-        if hasattr(inner, "pre_layrnorm"):  # CLIP
-            x = top.layernorm(x, Norm(v_bytes(inner.pre_layrnorm.weight), vs.trains(inner.pre_layrnorm.weight)))
-        act_saves = 2 if getattr(vcfg, "hidden_act", "") == "quick_gelu" else 1
-
-        def run_vit(tr, x, layer):
-            view = LayerView(layer, names[id(layer)], vs, cfg, half)
-            if vcfg.model_type == "dinov2":
-                return dinov2_layer(tr, x, view, vcfg.num_attention_heads, eager)
-            return vit_layer(tr, x, view, vcfg.num_attention_heads, act_saves, eager)
-
-    x, v_acts = _trace_stack(tracer(tok_v), x, vt.layers, run_vit)
-    v_acts.outside, v_acts.fixed_outside = top.per_token(), top.fixed
-    v_acts.cached += top.cached
+    # the tower replays its own forward on the tracers (its `trace`)
+    vt, tok_v = meta.vision, meta.tower_tokens
+    tower = TowerTrace(vt, tracer(tok_v), states["vision"], cfg, half, autocast=autocast, eager=eager)
+    x = vt.trace(tower)
+    v_acts = tower.acts()
     feats = x.like() if vt.drop_first else x  # h[:, 1:] is a view
 
     # ---------------------------------------------------------------- connector
@@ -289,8 +310,10 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     llm = meta.llm
     d = llm_dims(meta.llm_config)
     if meta.llm_config.model_type not in MEASURED_LLMS:
-        notes.append(f"LLM model_type '{meta.llm_config.model_type}': activations estimated with the LLaMA layout "
-                     f"(measured: {', '.join(MEASURED_LLMS)})")
+        notes.append(
+            f"LLM model_type '{meta.llm_config.model_type}': activations estimated with the LLaMA layout "
+            f"(measured: {', '.join(MEASURED_LLMS)})"
+        )
     top = tracer(seq_len)()
     emb_w = llm.get_input_embeddings().weight
     if ls.trains(emb_w):
@@ -305,8 +328,7 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     llm_eager = eager or (meta.llm_attention == "eager" and mask)
 
     def run_decoder(tr, x, layer):
-        return decoder_layer(tr, x, LayerView(layer, names[id(layer)], ls, cfg, half), d, mask=mask,
-                             eager=llm_eager)
+        return decoder_layer(tr, x, LayerView(layer, names[id(layer)], ls, cfg, half), d, mask=mask, eager=llm_eager)
 
     x, l_acts = _trace_stack(tracer(seq_len), x, decoder_layers(meta.llm), run_decoder)
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
@@ -324,13 +346,27 @@ def stage_activations(meta: MetaModel, cfg: RunConfig, stage: str, *, seq_len: i
     # int64 targets.
     htr = tracer(seq_len)()
     head = llm.get_output_embeddings()
-    logits = htr.linear(x.like(), Linear(head.in_features, head.out_features, l_bytes(head.weight),
-                                         ls.trains(head.weight)))
+    logits = htr.linear(
+        x.like(), Linear(head.in_features, head.out_features, l_bytes(head.weight), ls.trains(head.weight))
+    )
     l_acts.fixed_outside += htr.fixed
     l_acts.cached += htr.cached
     loss = htr.per_token() + (4 * head.out_features + 8 if logits.grad else 0)
     if logits.grad and getattr(meta.llm_config, "final_logit_softcapping", None) is not None:
         loss += logits.b * head.out_features  # Gemma-2: cap * tanh(logits / cap), tanh keeps its output
     index = 8 * K if x.grad else 0
-    return Activations(l_acts, v_acts, con_bytes, con_fixed, con_cached, loss, index,
-                       head.out_features if logits.grad else 0, logits.b, seq_len, tok_v, K, notes)
+    return Activations(
+        l_acts,
+        v_acts,
+        con_bytes,
+        con_fixed,
+        con_cached,
+        loss,
+        index,
+        head.out_features if logits.grad else 0,
+        logits.b,
+        seq_len,
+        tok_v,
+        K,
+        notes,
+    )

@@ -15,8 +15,15 @@ from tinylmm.models.llm import config_from_dict, from_config
 from tinylmm.models.vision import backend_of
 from tinylmm.schema import ModelSpec, VisionSpec, from_dict, to_dict
 
-__all__ = ["MetaModel", "arch_config", "arch_file", "build_meta", "count_llm_parameters",
-           "count_vision_parameters", "embedded_archs"]
+__all__ = [
+    "MetaModel",
+    "arch_config",
+    "arch_file",
+    "build_meta",
+    "count_llm_parameters",
+    "count_vision_parameters",
+    "embedded_archs",
+]
 
 
 @dataclass
@@ -70,8 +77,11 @@ def _build_meta(key: str) -> MetaModel:
     model = assemble(from_dict(ModelSpec, json.loads(key)), device="meta")
     notes = list(model.notes)
     if model.llm.config._attn_implementation != "sdpa":
-        notes.insert(0, f"LLM model_type '{model.llm.config.model_type}' has no sdpa attention: planned with eager "
-                        "attention (flash_attention_2 on a GPU that has it)")
+        notes.insert(
+            0,
+            f"LLM model_type '{model.llm.config.model_type}' has no sdpa attention: planned with eager "
+            "attention (flash_attention_2 on a GPU that has it)",
+        )
     return MetaModel(model, notes)
 
 

@@ -49,8 +49,11 @@ def _lora_targets(module: nn.Module, targets: list[str], is_llm: bool) -> dict:
     resolves `lora.targets` -> module name: (in, out)."""
     head = module.get_output_embeddings() if is_llm else None
     names = set(resolve_targets(module, targets, "llm" if is_llm else "vision tower", exclude=head))
-    return {name: (m.in_features, m.out_features) for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and name.rsplit(".", 1)[-1] in names}
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and m is not head and name.rsplit(".", 1)[-1] in names
+    }
 
 
 def component_state(meta: MetaModel, cfg: RunConfig, stage: str, comp: str) -> ComponentState:
@@ -75,5 +78,4 @@ def component_state(meta: MetaModel, cfg: RunConfig, stage: str, comp: str) -> C
     if structure == "qlora":
         head = module.get_output_embeddings()
         quantized = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear) and m is not head}
-    return ComponentState(t.mode, structure, trainable, lora, t.adapters, quantized,
-                          structure == "qlora", copies)
+    return ComponentState(t.mode, structure, trainable, lora, t.adapters, quantized, structure == "qlora", copies)

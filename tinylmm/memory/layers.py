@@ -1,7 +1,8 @@
-"""The blocks the planner knows, op by op as their forward code runs them: LLaMA-like
+"""The LLM blocks the planner knows, op by op as their forward code runs them: LLaMA-like
 decoder layers (llama, mistral, qwen2; qwen3 with its per-head q/k norms), Gemma-2's
-(four norms, soft-capped eager attention), StableLM's and Phi's, CLIP / SigLIP encoder
-layers, DINOv2's (with LayerScale), open_clip's ViT blocks (its own, and timm's)."""
+(four norms, soft-capped eager attention), StableLM's and Phi's. `LayerView` describes a
+block's parts to the tracer, for these and for the towers' blocks, which their towers
+trace themselves (`trace` in tinylmm/models/vision/hf.py and openclip.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from tinylmm.errors import ConfigError
-from tinylmm.schema import RunConfig
-from tinylmm.memory.tracer import Linear, Norm, Sym, Tracer
 from tinylmm.memory.components import ComponentState
+from tinylmm.memory.tracer import Linear, Norm, Sym, Tracer
+from tinylmm.schema import RunConfig
 
 # layouts checked against torch (bench/memory_check.py, tests/test_memory.py, tests/test_zoo.py)
 MEASURED_LLMS = ("llama", "phi", "stablelm", "qwen2", "qwen3", "gemma2")
@@ -35,10 +36,15 @@ def llm_dims(config) -> LLMDims:
     heads = config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0)
-    return LLMDims(mt if mt in FAMILIES else "llama", heads,
-                   getattr(config, "num_key_value_heads", None) or heads, partial < 1.0,
-                   float(getattr(config, "resid_pdrop", 0.0) or 0.0), qk_norm=mt == "qwen3",
-                   attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None)
+    return LLMDims(
+        mt if mt in FAMILIES else "llama",
+        heads,
+        getattr(config, "num_key_value_heads", None) or heads,
+        partial < 1.0,
+        float(getattr(config, "resid_pdrop", 0.0) or 0.0),
+        qk_norm=mt == "qwen3",
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None,
+    )
 
 
 class LayerView:
@@ -47,7 +53,8 @@ class LayerView:
     def __init__(self, block: nn.Module, prefix: str, state: ComponentState, cfg: RunConfig, half: int | None):
         self.block, self.prefix, self.state, self.cfg, self.half = block, prefix, state, cfg, half
 
-    def _get(self, name: str) -> nn.Module:
+    def get(self, name: str) -> nn.Module:
+        """The block's submodule `name`; a block without it is a layout the planner does not know."""
         try:
             return self.block.get_submodule(name)
         except AttributeError:
@@ -61,27 +68,34 @@ class LayerView:
         return self.state.bytes_per_element(p, self.half, self.cfg.quant.bits)
 
     def lin(self, name: str) -> Linear:
-        m = self._get(name)
+        m = self.get(name)
         full = f"{self.prefix}.{name}" if self.prefix else name
         r = self.cfg.lora.r if full in self.state.lora else 0
-        return Linear(m.in_features, m.out_features, self.wbytes(m.weight), self.state.trains(m.weight),
-                      id(m.weight) in self.state.quantized, r, self.state.lora_trainable and bool(r),
-                      self.cfg.lora.dropout)
+        return Linear(
+            m.in_features,
+            m.out_features,
+            self.wbytes(m.weight),
+            self.state.trains(m.weight),
+            id(m.weight) in self.state.quantized,
+            r,
+            self.state.lora_trainable and bool(r),
+            self.cfg.lora.dropout,
+        )
 
     def packed(self, name: str) -> Linear:
         """nn.MultiheadAttention's packed q/k/v projection (a weight, not a module); never adapted:
         peft's adapters on linear layers do not reach it."""
-        m = self._get(name)
+        m = self.get(name)
         w = m.in_proj_weight
         return Linear(w.shape[1], w.shape[0], self.wbytes(w), self.state.trains(w))
 
     def norm(self, name: str) -> Norm:
-        m = self._get(name)
+        m = self.get(name)
         return Norm(self.wbytes(m.weight), self.state.trains(m.weight))
 
     def scale(self, name: str) -> Norm:
         """A per-channel scale (DINOv2's LayerScale: the parameter `lambda1`)."""
-        w = self._get(name).lambda1
+        w = self.get(name).lambda1
         return Norm(self.wbytes(w), self.state.trains(w))
 
 
@@ -97,8 +111,7 @@ def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, e
             q = tr.rmsnorm(q, L.norm("self_attn.q_norm"), groups=d.heads)
             k = tr.rmsnorm(k, L.norm("self_attn.k_norm"), groups=d.kv_heads)
         # rotary embeddings: q * cos + rotate_half(q) * sin, new tensors that save nothing
-        a = tr.sdpa(q.like(), k.like(), v, d.heads, repeat_kv=repeat, mask=mask, eager=eager,
-                    softcap=d.attn_softcap)
+        a = tr.sdpa(q.like(), k.like(), v, d.heads, repeat_kv=repeat, mask=mask, eager=eager, softcap=d.attn_softcap)
         return tr.linear(a.like() if out_copy else a, L.lin(f"self_attn.{out_name}"))
 
     if d.family == "phi":  # parallel block: one layer norm feeds attention and MLP
@@ -120,78 +133,3 @@ def decoder_layer(tr: Tracer, x: Sym, L: LayerView, d: LLMDims, *, mask: bool, e
     g = tr.unary(tr.linear(h, L.lin("mlp.gate_proj")))  # silu saves its input
     p = tr.mul(g, tr.linear(h, L.lin("mlp.up_proj")))
     return tr.add(x, tr.linear(p, L.lin("mlp.down_proj")))
-
-
-def vit_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, act_saves: int, eager: bool) -> Sym:
-    h = tr.layernorm(x, L.norm("layer_norm1"))
-    q, k, v = (tr.linear(h, L.lin(f"self_attn.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
-    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
-    x = tr.add(x, tr.linear(a, L.lin("self_attn.out_proj")))
-    h = tr.layernorm(x, L.norm("layer_norm2"))
-    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=act_saves)
-    return tr.add(x, tr.linear(m, L.lin("mlp.fc2")))
-
-
-def dinov2_layer(tr: Tracer, x: Sym, L: LayerView, heads: int, eager: bool) -> Sym:
-    """Dinov2Layer: each branch's output multiplied by a per-channel LayerScale before the
-    residual add. Stochastic depth (drop_path) and the SwiGLU MLP (ViT-g) are not modelled."""
-    if not isinstance(L._get("drop_path"), nn.Identity) or hasattr(L._get("mlp"), "gate_proj"):
-        raise ConfigError(f"the memory planner does not know the layer layout of {type(L.block).__name__} "
-                          f"({L.prefix}): it knows DINOv2 layers with a GELU MLP and no drop path "
-                          "(drop_path_rate: 0, use_swiglu_ffn: false)")
-    h = tr.layernorm(x, L.norm("norm1"))
-    q, k, v = (tr.linear(h, L.lin(f"attention.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
-    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
-    x = tr.add(x, tr.scale(tr.linear(a, L.lin("attention.o_proj")), L.scale("layer_scale1")))
-    h = tr.layernorm(x, L.norm("norm2"))
-    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")))
-    return tr.add(x, tr.scale(tr.linear(m, L.lin("mlp.fc2")), L.scale("layer_scale2")))
-
-
-# --------------------------------------------------------------------------- open_clip towers
-
-# The plain blocks, by their module names: timm's Block (SigLIP towers) and open_clip's own
-# ResidualAttentionBlock (CLIP towers). Anything else in them (layer scale, q/k norms, drop
-# path, dropout) is not modelled: the planner refuses such a block rather than guess.
-_TIMM = dict(norm1="norm1", qkv="attn.qkv", out="attn.proj", norm2="norm2", fc1="mlp.fc1", act="mlp.act",
-             fc2="mlp.fc2", plain=("ls1", "ls2", "drop_path1", "drop_path2", "attn.q_norm", "attn.k_norm",
-                                   "attn.norm", "mlp.norm"))
-_OPENCLIP = dict(norm1="ln_1", qkv="attn", out="attn.out_proj", norm2="ln_2", fc1="mlp.c_fc", act="mlp.gelu",
-                 fc2="mlp.c_proj", plain=("ls_1", "ls_2"))
-_NO_DROP = ("attn.proj_drop", "mlp.drop1", "mlp.drop2")
-
-
-def openclip_embeddings(tower) -> tuple[list, nn.Module | None]:
-    """(the parameters added to the patch embeddings: position and prefix tokens, the
-    norm before the blocks or None) of an OpenCLIPTower."""
-    vit = tower._vit[0]
-    if tower.timm:
-        params = [p for p in (vit.pos_embed, vit.cls_token, getattr(vit, "reg_token", None)) if p is not None]
-        pre = vit.norm_pre
-    else:
-        params, pre = [vit.positional_embedding, vit.class_embedding], vit.ln_pre
-    return params, (None if isinstance(pre, nn.Identity) else pre)
-
-
-def openclip_block(tr: Tracer, x: Sym, L: LayerView) -> Sym:
-    timm = type(L.block).__name__ == "Block"
-    names = _TIMM if timm else _OPENCLIP
-    if type(L.block).__name__ not in ("Block", "ResidualAttentionBlock") or not all(
-            isinstance(L._get(n), nn.Identity) for n in names["plain"]) or (
-            timm and any(L._get(n).p for n in _NO_DROP)):
-        raise ConfigError(f"the memory planner does not know the layer layout of {type(L.block).__name__} "
-                          f"({L.prefix}): it knows open_clip's and timm's plain ViT blocks (no layer scale, "
-                          "q/k norm, drop path or dropout)")
-    attn = L._get("attn")
-    heads = attn.num_heads
-    h = tr.layernorm(x, L.norm(names["norm1"]))
-    qkv = tr.linear(h, L.lin(names["qkv"]) if timm else L.packed(names["qkv"]))
-    q, k, v = (Sym(qkv.n / 3, qkv.b, qkv.grad) for _ in range(3))  # views of one tensor: 3 x 1/3 of it
-    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=False)
-    # out_proj / proj read sdpa's output through views: the CPU kernel lays its output out as
-    # q is laid out, which is already the order the projection reads
-    x = tr.add(x, tr.linear(a, L.lin(names["out"])))
-    h = tr.layernorm(x, L.norm(names["norm2"]))
-    act_saves = 2 if type(L._get(names["act"])).__name__ == "QuickGELU" else 1  # x * sigmoid(1.702 x)
-    m = tr.unary(tr.linear(h, L.lin(names["fc1"])), saves=act_saves)
-    return tr.add(x, tr.linear(m, L.lin(names["fc2"])))

@@ -7,12 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tinylmm.errors import ConfigError
-from tinylmm.schema import COMPONENTS, RunConfig
 from tinylmm.memory.activations import Activations, stage_activations
 from tinylmm.memory.arch import build_meta
+from tinylmm.memory.components import component_state
 from tinylmm.memory.sizes import GiB, MiB, fmt_bytes
 from tinylmm.memory.storage import Storage, stage_storage
-from tinylmm.memory.components import component_state
+from tinylmm.schema import COMPONENTS, RunConfig
 
 DEFAULT_BUDGET = 24 * GiB
 
@@ -60,8 +60,10 @@ class StagePlan:
     def warning(self) -> str:
         """One sentence: the stage, its planned peak, the budget and what to try."""
         if self.fits:
-            return (f"stage '{self.name}' is planned to peak at {fmt_bytes(self.total)} on {self.device}, within the "
-                    f"{fmt_bytes(self.budget)} budget.")
+            return (
+                f"stage '{self.name}' is planned to peak at {fmt_bytes(self.total)} on {self.device}, within the "
+                f"{fmt_bytes(self.budget)} budget."
+            )
         tries = []
         llm = self.tune.get("llm", "")
         if llm == "full" or llm.startswith("partial"):
@@ -78,9 +80,11 @@ class StagePlan:
         if not tries:
             tries = ["a larger GPU"]
         what = f"{', '.join(tries[:-1])} or {tries[-1]}" if len(tries) > 1 else tries[0]
-        return (f"stage '{self.name}' is planned to peak at {fmt_bytes(self.total)} on {self.device} "
-                f"(micro-batch {self.micro_batch} x {self.seq_len} tokens), over the {fmt_bytes(self.budget)} budget: "
-                f"try {what}.")
+        return (
+            f"stage '{self.name}' is planned to peak at {fmt_bytes(self.total)} on {self.device} "
+            f"(micro-batch {self.micro_batch} x {self.seq_len} tokens), over the {fmt_bytes(self.budget)} budget: "
+            f"try {what}."
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,8 +108,15 @@ class RunPlan:
         return all(s.fits for s in self.stages)
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "recipe": self.recipe, "device": self.device, "budget": self.budget,
-                "fits": self.fits, "notes": self.notes, "stages": [s.to_dict() for s in self.stages]}
+        return {
+            "preset": self.preset,
+            "recipe": self.recipe,
+            "device": self.device,
+            "budget": self.budget,
+            "fits": self.fits,
+            "notes": self.notes,
+            "stages": [s.to_dict() for s in self.stages],
+        }
 
     def rich_tables(self):
         """One table per stage: the breakdown with gradient checkpointing as planned and the
@@ -115,19 +126,27 @@ class RunPlan:
         tables = []
         for s in self.stages:
             alt = s.alternative
-            t = Table(title=f"stage {s.name}: {_tune_text(s.tune)}; {s.precision}; micro-batch {s.micro_batch} x "
-                            f"{s.seq_len} tokens, LM head at {s.logit_positions}", title_justify="left")
+            t = Table(
+                title=f"stage {s.name}: {_tune_text(s.tune)}; {s.precision}; micro-batch {s.micro_batch} x "
+                f"{s.seq_len} tokens, LM head at {s.logit_positions}",
+                title_justify="left",
+            )
             t.add_column("memory")
             t.add_column(f"checkpointing {'on' if s.gradient_checkpointing else 'off'}", justify="right")
-            t.add_column(f"checkpointing {'on' if alt['gradient_checkpointing'] else 'off'}", justify="right",
-                         style="dim")
+            t.add_column(
+                f"checkpointing {'on' if alt['gradient_checkpointing'] else 'off'}", justify="right", style="dim"
+            )
             alt_rows = alt["breakdown"]
             for label in list(s.breakdown) + [k for k in alt_rows if k not in s.breakdown]:
-                t.add_row(label, fmt_bytes(s.breakdown[label]) if label in s.breakdown else "",
-                          fmt_bytes(alt_rows[label]) if label in alt_rows else "")
+                t.add_row(
+                    label,
+                    fmt_bytes(s.breakdown[label]) if label in s.breakdown else "",
+                    fmt_bytes(alt_rows[label]) if label in alt_rows else "",
+                )
             verdict = "[green]fits[/green]" if s.fits else "[bold red]over budget[/bold red]"
-            t.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(s.total)}[/bold]", fmt_bytes(alt["total"]),
-                      end_section=True)
+            t.add_row(
+                "[bold]total[/bold]", f"[bold]{fmt_bytes(s.total)}[/bold]", fmt_bytes(alt["total"]), end_section=True
+            )
             t.add_row(f"vs budget {fmt_bytes(s.budget)}", verdict, "fits" if alt["fits"] else "over budget")
             t.add_row("largest micro-batch that fits", str(s.max_micro_batch), str(alt["max_micro_batch"]))
             t.add_row("peak at the", s.peak_at, alt["peak_at"])
@@ -135,8 +154,9 @@ class RunPlan:
         return tables
 
 
-def _totals(storage: Storage, acts: Activations, batch: int, gc: bool, device: str,
-            optimizer: str) -> tuple[str, dict[str, float]]:
+def _totals(
+    storage: Storage, acts: Activations, batch: int, gc: bool, device: str, optimizer: str
+) -> tuple[str, dict[str, float]]:
     """(the peak moment, the rows at it, which sum to the planned total)."""
     at, act_rows = acts.rows(batch, gc)
     rows = {**storage.rows, **act_rows}
@@ -150,15 +170,22 @@ def _totals(storage: Storage, acts: Activations, batch: int, gc: bool, device: s
 
 def _max_micro_batch(storage, acts, gc, device, budget, global_batch, optimizer) -> int:
     """The largest divisor of the global batch that fits; 0 when even 1 does not."""
+
     def fits(b):
         return sum(_totals(storage, acts, b, gc, device, optimizer)[1].values()) <= budget
 
     return max((b for b in range(1, global_batch + 1) if global_batch % b == 0 and fits(b)), default=0)
 
 
-def plan_run(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int | None = None,
-             budget_bytes: int = DEFAULT_BUDGET, device: str = "cuda",
-             logit_positions: int | None = None) -> RunPlan:
+def plan_run(
+    cfg: RunConfig,
+    *,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
+    device: str = "cuda",
+    logit_positions: int | None = None,
+) -> RunPlan:
     """Plan every stage of `cfg`: the peak memory of one training process, its breakdown,
     the verdict against `budget_bytes` and the largest micro-batch that fits.
     seq_len / micro_batch default to each stage's max_len / micro_batch_size;
@@ -174,8 +201,16 @@ def plan_run(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int | N
         b = micro_batch or st.micro_batch_size
         states = {c: component_state(meta, cfg, name, c) for c in COMPONENTS}
         storage = stage_storage(meta, cfg, name, precision, states, device)
-        acts = stage_activations(meta, cfg, name, seq_len=s, precision=precision, device=device,
-                                 logit_positions=logit_positions, states=states)
+        acts = stage_activations(
+            meta,
+            cfg,
+            name,
+            seq_len=s,
+            precision=precision,
+            device=device,
+            logit_positions=logit_positions,
+            states=states,
+        )
         at, now = _totals(storage, acts, b, gc, device, opt)
         alt_at, alt = _totals(storage, acts, b, not gc, device, opt)
         now = {k: int(round(v)) for k, v in now.items()}
@@ -186,26 +221,47 @@ def plan_run(cfg: RunConfig, *, seq_len: int | None = None, micro_batch: int | N
             notes.append("nothing trains in this stage")
         if any("(paged)" in k for k in now):
             notes.append("paged optimizer states can be evicted to CPU RAM under pressure (slower steps)")
-        plans.append(StagePlan(
-            name=name, total=total, fits=total <= budget_bytes,
-            max_micro_batch=_max_micro_batch(storage, acts, gc, device, budget_bytes, st.batch_size, opt),
-            breakdown=now, budget=budget_bytes, micro_batch=b, seq_len=s, logit_positions=acts.logit_positions,
-            batch_size=st.batch_size, gradient_checkpointing=gc, precision=precision, device=device,
-            tune={c: st.tune[c] for c in COMPONENTS}, trainable=dict(storage.trainable),
-            alternative={"gradient_checkpointing": not gc, "total": alt_total, "fits": alt_total <= budget_bytes,
-                         "max_micro_batch": _max_micro_batch(storage, acts, not gc, device, budget_bytes,
-                                                             st.batch_size, opt),
-                         "breakdown": alt, "peak_at": alt_at},
-            peak_at=at, notes=notes,
-        ))
+        plans.append(
+            StagePlan(
+                name=name,
+                total=total,
+                fits=total <= budget_bytes,
+                max_micro_batch=_max_micro_batch(storage, acts, gc, device, budget_bytes, st.batch_size, opt),
+                breakdown=now,
+                budget=budget_bytes,
+                micro_batch=b,
+                seq_len=s,
+                logit_positions=acts.logit_positions,
+                batch_size=st.batch_size,
+                gradient_checkpointing=gc,
+                precision=precision,
+                device=device,
+                tune={c: st.tune[c] for c in COMPONENTS},
+                trainable=dict(storage.trainable),
+                alternative={
+                    "gradient_checkpointing": not gc,
+                    "total": alt_total,
+                    "fits": alt_total <= budget_bytes,
+                    "max_micro_batch": _max_micro_batch(
+                        storage, acts, not gc, device, budget_bytes, st.batch_size, opt
+                    ),
+                    "breakdown": alt,
+                    "peak_at": alt_at,
+                },
+                peak_at=at,
+                notes=notes,
+            )
+        )
     M = meta.num_image_tokens
     notes = list(dict.fromkeys(meta.notes))
     notes.append(f"{M} visual tokens per image; one image per sample; every sample padded to the stage's length")
     if logit_positions is None:
-        notes.append(f"LM head and loss at every text position (the tokens minus the {M} visual ones): the most "
-                     f"a batch can supervise; real batches supervise fewer (--logit-positions)")
+        notes.append(
+            f"LM head and loss at every text position (the tokens minus the {M} visual ones): the most "
+            f"a batch can supervise; real batches supervise fewer (--logit-positions)"
+        )
     if device == "cuda":
-        notes.append(f"framework overhead: {fmt_bytes(CUDA_CONTEXT_BYTES)} CUDA context + "
-                     f"{ALLOCATOR_SLACK:.0%} allocator slack")
+        notes.append(
+            f"framework overhead: {fmt_bytes(CUDA_CONTEXT_BYTES)} CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack"
+        )
     return RunPlan(cfg.preset, cfg.recipe, device, budget_bytes, plans, notes)
-

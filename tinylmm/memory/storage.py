@@ -1,13 +1,13 @@
 """Weights, LoRA adapters, gradients and optimizer states of one stage, to the byte.
 
-    weights      trainable: fp32 master weights; frozen: the half dtype under bf16/fp16
-                 mixed precision (fp32 in an fp32 run); qlora: the LLM's linear layers
-                 as bitsandbytes 4-bit (or int8) blocks, every other LLM parameter cast to
-                 fp32 by peft's prepare_model_for_kbit_training ("k-bit prep copies")
-    LoRA         r * (in + out) per adapted linear layer, fp32 while it trains
-    gradients    fp32, trainable parameters only (kept whole: gradient accumulation)
-    optimizer    AdamW: two fp32 states per trainable parameter; *_8bit: one byte each
-                 plus block scales; paged_*: the same bytes, in pageable unified memory
+weights      trainable: fp32 master weights; frozen: the half dtype under bf16/fp16
+             mixed precision (fp32 in an fp32 run); qlora: the LLM's linear layers
+             as bitsandbytes 4-bit (or int8) blocks, every other LLM parameter cast to
+             fp32 by peft's prepare_model_for_kbit_training ("k-bit prep copies")
+LoRA         r * (in + out) per adapted linear layer, fp32 while it trains
+gradients    fp32, trainable parameters only (kept whole: gradient accumulation)
+optimizer    AdamW: two fp32 states per trainable parameter; *_8bit: one byte each
+             plus block scales; paged_*: the same bytes, in pageable unified memory
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tinylmm.schema import COMPONENTS, RunConfig
 from tinylmm.memory.arch import MetaModel
 from tinylmm.memory.components import HALF, ComponentState, component_state
+from tinylmm.schema import COMPONENTS, RunConfig
 
 # bitsandbytes
 NF4_BLOCK = 64  # weights per absmax (Linear4bit)
@@ -74,8 +74,14 @@ class Storage:
 _ORDER = ("weights", "LoRA", "gradients", "optimizer")
 
 
-def stage_storage(meta: MetaModel, cfg: RunConfig, stage: str, precision: str,
-                  states: dict[str, ComponentState] | None = None, device: str = "cuda") -> Storage:
+def stage_storage(
+    meta: MetaModel,
+    cfg: RunConfig,
+    stage: str,
+    precision: str,
+    states: dict[str, ComponentState] | None = None,
+    device: str = "cuda",
+) -> Storage:
     half = HALF.get(precision)  # None: an fp32 run
     hname = precision if half else "fp32"
     by_comp: dict[str, dict] = {}
@@ -84,7 +90,7 @@ def stage_storage(meta: MetaModel, cfg: RunConfig, stage: str, precision: str,
     for comp in COMPONENTS:
         rows: dict[str, float] = {}
 
-        def add(label, n):
+        def add(label, n, rows=rows):
             rows[label] = rows.get(label, 0) + n
 
         state = (states or {}).get(comp) or component_state(meta, cfg, stage, comp)

@@ -33,9 +33,14 @@ class Sym:
     b: float
     grad: bool
 
-    def like(self, b: float | None = None) -> "Sym":
+    def like(self, b: float | None = None) -> Sym:
         """A new tensor of the same shape (an op's output, a copy)."""
         return Sym(self.n, self.b if b is None else b, self.grad)
+
+    def split(self, parts: int) -> tuple[Sym, ...]:
+        """`parts` equal views of this tensor across its features (q, k, v of a packed
+        projection): tensors of their own to the tracer, each saved apart."""
+        return tuple(Sym(self.n / parts, self.b, self.grad) for _ in range(parts))
 
 
 @dataclass
@@ -169,8 +174,9 @@ class Tracer:
             self.save(xin, Sym(2, 4 if self.cuda else xin.b, False))  # input, mean, rstd
         return Sym(x.n, 4 if fp32 else (x.b if self.ac else 4), x.grad or w.trainable)
 
-    def sdpa(self, q: Sym, k: Sym, v: Sym, heads: int, *, repeat_kv: bool, mask: bool, eager: bool,
-             softcap: bool = False) -> Sym:
+    def sdpa(
+        self, q: Sym, k: Sym, v: Sym, heads: int, *, repeat_kv: bool, mask: bool, eager: bool, softcap: bool = False
+    ) -> Sym:
         grad = q.grad or k.grad or v.grad
         if self.ac:
             q, k, v = self.cast(q, self.c), self.cast(k, self.c), self.cast(v, self.c)

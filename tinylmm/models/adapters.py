@@ -36,7 +36,10 @@ def _require(what: str):
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise ConfigError(f"{what} needs peft and bitsandbytes: pip install peft bitsandbytes (tinylmm's dependencies; did the install fail on this platform?)") from None
+        raise ConfigError(
+            f"{what} needs peft and bitsandbytes: pip install peft bitsandbytes (tinylmm's dependencies; did the "
+            "install fail on this platform?)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- targets
@@ -56,8 +59,11 @@ def linear_names(module: nn.Module, exclude: nn.Module | None = None) -> dict[st
 
 def _linear_layers(module: nn.Module, exclude: nn.Module | None = None) -> list[str]:
     inside_mha = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
-    return [name for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and m is not exclude and "lora_" not in name and id(m) not in inside_mha]
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and m is not exclude and "lora_" not in name and id(m) not in inside_mha
+    ]
 
 
 def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: nn.Module | None = None) -> list[str]:
@@ -68,13 +74,17 @@ def resolve_targets(module: nn.Module, targets: list[str], where: str, exclude: 
         if exclude is not None:
             head_leaf = next((n.rsplit(".", 1)[-1] for n, m in module.named_modules() if m is exclude), None)
             if head_leaf in available:
-                raise ConfigError(f"{where}: the output head's name '{head_leaf}' is also used inside the model; "
-                                  "list the target modules explicitly in lora.targets")
+                raise ConfigError(
+                    f"{where}: the output head's name '{head_leaf}' is also used inside the model; "
+                    "list the target modules explicitly in lora.targets"
+                )
         return sorted(available)
     for t in targets:
         if t not in available:
-            raise ConfigError(f"lora.targets: '{t}' matches no linear layer of the {where}"
-                              f"{did_you_mean(t, available)}; its linear layers are: {', '.join(sorted(available))}")
+            raise ConfigError(
+                f"lora.targets: '{t}' matches no linear layer of the {where}"
+                f"{did_you_mean(t, available)}; its linear layers are: {', '.join(sorted(available))}"
+            )
     return list(targets)
 
 
@@ -83,17 +93,23 @@ def lora_config(spec: LoraSpec, targets: list[str], task_type: str | None = None
 
     # ensure_weight_tying: a trained copy of a tied head is the embedding too (one tensor),
     # so merging and saving cannot silently drop one of the two.
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      bias="none", task_type=task_type, modules_to_save=modules_to_save or None,
-                      ensure_weight_tying=bool(modules_to_save))
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=task_type,
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=bool(modules_to_save),
+    )
 
 
 def check_modules_to_save(llm: nn.Module, names: list[str]) -> list[str]:
     modules = [n for n, _ in llm.named_modules()]
     for name in names:
         if not any(n == name or n.endswith("." + name) for n in modules):
-            raise ConfigError(f"lora.modules_to_save: '{name}' is no module of the llm"
-                              f"{did_you_mean(name, modules)}")
+            raise ConfigError(f"lora.modules_to_save: '{name}' is no module of the llm{did_you_mean(name, modules)}")
     return names
 
 
@@ -112,9 +128,12 @@ def is_quantized(llm: nn.Module) -> bool:
 def bnb_config(quant: QuantSpec):
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
 
 
 def save_base(llm: nn.Module, base_dir: Path) -> None:
@@ -123,15 +142,19 @@ def save_base(llm: nn.Module, base_dir: Path) -> None:
         write_atomically(base_dir, lambda d: llm.save_pretrained(d))
 
 
-def load_llm(directory: Path, *, quant: QuantSpec | None, device=None, attn_implementation: str = "sdpa",
-             dtype=None) -> nn.Module:
+def load_llm(
+    directory: Path, *, quant: QuantSpec | None, device=None, attn_implementation: str = "sdpa", dtype=None
+) -> nn.Module:
     """A causal LM from a directory, in full precision or quantized by bitsandbytes."""
     config = AutoConfig.from_pretrained(str(directory))
     kwargs = {"attn_implementation": attention_for(config, attn_implementation)}
     if quant is not None:
         _require("4-bit / 8-bit loading")
-        kwargs.update(quantization_config=bnb_config(quant), device_map={"": str(device or "cpu")},
-                      dtype=DTYPES[quant.compute_dtype])
+        kwargs.update(
+            quantization_config=bnb_config(quant),
+            device_map={"": str(device or "cpu")},
+            dtype=DTYPES[quant.compute_dtype],
+        )
     elif dtype is not None:
         kwargs["dtype"] = dtype
     llm = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)

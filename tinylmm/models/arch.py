@@ -70,8 +70,10 @@ def arch_config(spec: LLMSpec | VisionSpec, what: str) -> dict:
     if not name:
         raise ConfigError(f"model.{what} needs 'name_or_path' (hub id or directory) or an inline 'config'")
     if what == "vision" and spec.backend != "transformers":
-        raise ConfigError(f"model.{what} '{name}' is a {spec.backend} tower: its architecture is that "
-                          "backend's own model config, not a transformers config")
+        raise ConfigError(
+            f"model.{what} '{name}' is a {spec.backend} tower: its architecture is that "
+            "backend's own model config, not a transformers config"
+        )
     path = arch_file(name)
     if not path.exists():
         path = Path(name).expanduser() / "config.json"

@@ -27,8 +27,18 @@ from tinylmm.models.vision import backend_of
 from tinylmm.schema import LoraSpec, ModelSpec, QuantSpec, VisionSpec, from_dict
 
 
-def assemble(spec: ModelSpec, *, device=None, tokenizer=None, llm=None, tower=None, dtype=None, llm_dtype=None,
-             vision_dtype=None, attn_implementation: str = "sdpa") -> TinyLMM:
+def assemble(
+    spec: ModelSpec,
+    *,
+    device=None,
+    tokenizer=None,
+    llm=None,
+    tower=None,
+    dtype=None,
+    llm_dtype=None,
+    vision_dtype=None,
+    attn_implementation: str = "sdpa",
+) -> TinyLMM:
     """A TinyLMM of `spec`. A part given (`llm`, `tower`: a checkpoint's, TinyLLaVA's) is used
     as it is; the others are built from the spec: with their weights (from_pretrained) or at
     random (an inline config), or on device `meta` from their architecture configs, reading
@@ -40,11 +50,15 @@ def assemble(spec: ModelSpec, *, device=None, tokenizer=None, llm=None, tower=No
         torch.manual_seed(spec.seed)  # the connector's (and a toy's) initialisation is reproducible
     notes = []
     if tower is None:
-        tower = backend_of(spec.vision).build(spec.vision, device=device, dtype=vision_dtype or dtype,
-                                              attn_implementation=attn_implementation)
+        tower = backend_of(spec.vision).build(
+            spec.vision, device=device, dtype=vision_dtype or dtype, attn_implementation=attn_implementation
+        )
     if llm is None:
-        llm = meta_llm(spec.llm) if on_meta else build_llm(spec.llm, dtype=llm_dtype or dtype,
-                                                           attn_implementation=attn_implementation)
+        llm = (
+            meta_llm(spec.llm)
+            if on_meta
+            else build_llm(spec.llm, dtype=llm_dtype or dtype, attn_implementation=attn_implementation)
+        )
         if tokenizer is not None:
             n_tok, source = len(tokenizer), "the tokenizer"
         else:
@@ -70,20 +84,29 @@ def image_processor_for(spec: VisionSpec, tower) -> ImageProcessor:
     return backend_of(spec).image_processor(spec, tower)
 
 
-def build_model(spec: ModelSpec, *, attn_implementation: str = "sdpa", dtype=None, llm_dtype=None,
-                vision_dtype=None) -> tuple[TinyLMM, Processor]:
+def build_model(
+    spec: ModelSpec, *, attn_implementation: str = "sdpa", dtype=None, llm_dtype=None, vision_dtype=None
+) -> tuple[TinyLMM, Processor]:
     """A preset's model and processor: pretrained parts via from_pretrained, inline configs at random."""
     tokenizer = build_tokenizer(spec.llm)
     ensure_image_token(tokenizer)
-    model = assemble(spec, tokenizer=tokenizer, dtype=dtype, llm_dtype=llm_dtype, vision_dtype=vision_dtype,
-                     attn_implementation=attn_implementation)
-    processor = Processor(tokenizer, image_processor_for(spec.vision, model.vision), spec.template,
-                          model.num_image_tokens)
+    model = assemble(
+        spec,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        llm_dtype=llm_dtype,
+        vision_dtype=vision_dtype,
+        attn_implementation=attn_implementation,
+    )
+    processor = Processor(
+        tokenizer, image_processor_for(spec.vision, model.vision), spec.template, model.num_image_tokens
+    )
     return model, processor
 
 
-def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, device=None,
-         load_4bit: bool = False) -> tuple[TinyLMM, Processor]:
+def load(
+    path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, device=None, load_4bit: bool = False
+) -> tuple[TinyLMM, Processor]:
     """Load a checkpoint directory written by `TinyLMM.save` (e.g. runs/x/final): a full
     one, or one whose LLM is a LoRA/QLoRA adapter on the run's base. `load_4bit` loads the
     LLM (the base, under an adapter) in 4-bit NF4 for inference in less memory."""
@@ -104,8 +127,9 @@ def load(path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, dev
         llm = adapters.load_llm(base, quant=quant, device=device, attn_implementation=attn_implementation, dtype=dtype)
         llm = PeftModel.from_pretrained(llm, str(path / "llm"))
     else:
-        llm = adapters.load_llm(path / "llm", quant=quant, device=device, attn_implementation=attn_implementation,
-                                dtype=dtype)
+        llm = adapters.load_llm(
+            path / "llm", quant=quant, device=device, attn_implementation=attn_implementation, dtype=dtype
+        )
     tower = backend_of(spec.vision).load(path / "vision", spec.vision, attn_implementation)
     model = assemble(spec, tokenizer=tokenizer, llm=llm, tower=tower)
     if base is not None:

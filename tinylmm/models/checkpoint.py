@@ -8,7 +8,7 @@ A checkpoint directory describes itself:
                             after a lora/qlora stage, its adapter as peft writes it
                             (adapter_config.json + adapter_model.safetensors)
     vision/config.json      the tower (cut at the feature layer); an open_clip tower:
-                            vision/open_clip.json (models/openclip.py)
+                            vision/open_clip.json (models/vision/openclip.py)
     model.safetensors       vision.* and connector.* (vision LoRA weights included)
     tokenizer/              image_processor.json
 
@@ -41,9 +41,14 @@ def save(model, directory: Path, processor) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spec = dataclasses.replace(model.spec, vision=model.vision.spec)
-    meta = {"format": FORMAT, "model": to_dict(spec), "num_image_tokens": model.num_image_tokens,
-            "llm_base": None, "llm_quantization": None,
-            "vision_lora": None if model.vision_lora is None else to_dict(model.vision_lora)}
+    meta = {
+        "format": FORMAT,
+        "model": to_dict(spec),
+        "num_image_tokens": model.num_image_tokens,
+        "llm_base": None,
+        "llm_quantization": None,
+        "vision_lora": None if model.vision_lora is None else to_dict(model.vision_lora),
+    }
     if adapters.is_peft(model.llm):
         # Relative to where the checkpoint will live (write_atomically renames a sibling).
         final = directory.resolve().with_name(directory.name.removesuffix(".tmp"))
@@ -77,12 +82,14 @@ def llm_base(path: Path, meta: dict) -> Path | None:
         return None
     base = (Path(path).resolve() / meta["llm_base"]).resolve()
     if not (base / "config.json").exists():
-        raise FileNotFoundError(f"{path}: its LLM base '{base}' is missing (the adapter checkpoint refers to "
-                                "the run's llm-base/ directory; keep the run together, or `tinylmm merge` it)")
+        raise FileNotFoundError(
+            f"{path}: its LLM base '{base}' is missing (the adapter checkpoint refers to "
+            "the run's llm-base/ directory; keep the run together, or `tinylmm merge` it)"
+        )
     return base
 
 
-def restore_parts(model: TinyLMM, path: Path, *, llm_too: bool = True) -> None:
+def restore_parts(model, path: Path, *, llm_too: bool = True) -> None:
     """Load a checkpoint's weights into a model of the same structure (resume; stages done
     earlier). The LLM's weights come from llm/ (full weights or the adapter)."""
     path = Path(path)
@@ -93,8 +100,9 @@ def restore_parts(model: TinyLMM, path: Path, *, llm_too: bool = True) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.startswith("llm.")]
     if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(
+            f"{path}/model.safetensors does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     if not llm_too:
         return
     if adapters.is_peft(model.llm):
@@ -117,8 +125,9 @@ def restore_parts(model: TinyLMM, path: Path, *, llm_too: bool = True) -> None:
 
 def load_v1_llm(path: Path, quant, attn_implementation, dtype, device):
     """tinylmm/1 checkpoints kept the LLM's weights in model.safetensors as llm.*."""
-    llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "llm")), dtype=dtype,
-                                           attn_implementation=attn_implementation)
+    llm = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(str(path / "llm")), dtype=dtype, attn_implementation=attn_implementation
+    )
     state = {k[4:]: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith("llm.")}
     llm.load_state_dict(state, strict=False)
     llm.tie_weights()

@@ -8,8 +8,9 @@ from tinylmm.data.processor import Processor
 
 
 @torch.no_grad()
-def generate_batch(model, processor: Processor, conversations, images, *, max_new_tokens: int = 32,
-                   **kwargs) -> list[str]:
+def generate_batch(
+    model, processor: Processor, conversations, images, *, max_new_tokens: int = 32, **kwargs
+) -> list[str]:
     """conversations: one [(role, text) ...] per sample, ending with a human turn;
     images: one list of PIL images per sample. Left-padded so all prompts end together."""
     encoded = [processor.prompt(c, imgs) for c, imgs in zip(conversations, images)]
@@ -23,8 +24,15 @@ def generate_batch(model, processor: Processor, conversations, images, *, max_ne
         mask[row, length - n :] = 1
     pixels = [e["pixel_values"] for e in encoded if "pixel_values" in e]
     pixel_values = torch.cat(pixels) if pixels else None
-    out = model.generate(ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=max_new_tokens,
-                         eos_token_id=processor.stop_token_ids, pad_token_id=pad, **kwargs)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        pixel_values=pixel_values,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=processor.stop_token_ids,
+        pad_token_id=pad,
+        **kwargs,
+    )
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
@@ -58,13 +66,18 @@ class CallbackStreamer:
             self.on_text(text[self.printed :])
 
 
-def chat_reply(model, processor: Processor, turns, images, *, on_text=None, max_new_tokens: int = 256,
-               **kwargs) -> str:
+def chat_reply(model, processor: Processor, turns, images, *, on_text=None, max_new_tokens: int = 256, **kwargs) -> str:
     """One assistant reply to the conversation so far, streamed to `on_text` piece by piece."""
     batch = processor.prompt(turns, images)
     streamer = CallbackStreamer(processor.tokenizer, on_text) if on_text else None
-    out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch.get("pixel_values"), max_new_tokens=max_new_tokens,
-                         eos_token_id=processor.stop_token_ids, pad_token_id=processor.tokenizer.pad_token_id,
-                         streamer=streamer, **kwargs)
+    out = model.generate(
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=processor.stop_token_ids,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        streamer=streamer,
+        **kwargs,
+    )
     return processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -51,8 +51,9 @@ def config_from_dict(data: dict):
 def from_config(cfg, *, dtype=None, attn_implementation: str = "sdpa", device=None) -> nn.Module:
     """A causal LM of `cfg`, randomly initialised (on `device`: `meta` builds shapes only)."""
     with torch.device(device or "cpu"):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                attn_implementation=attention_for(cfg, attn_implementation))
+        return AutoModelForCausalLM.from_config(
+            cfg, dtype=dtype, attn_implementation=attention_for(cfg, attn_implementation)
+        )
 
 
 def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -> nn.Module:
@@ -61,7 +62,10 @@ def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -
     if spec.name_or_path:
         cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model")
         return from_pretrained_or_fail(
-            AutoModelForCausalLM, spec.name_or_path, "language model", dtype=dtype,
+            AutoModelForCausalLM,
+            spec.name_or_path,
+            "language model",
+            dtype=dtype,
             attn_implementation=attention_for(cfg, attn_implementation),
         )
     raise ConfigError("model.llm needs 'name_or_path' (hub id or directory) or an inline 'config'")

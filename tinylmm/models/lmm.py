@@ -17,6 +17,7 @@ from tinylmm.models import checkpoint
 from tinylmm.models.llm import decoder_layers
 from tinylmm.schema import ModelSpec
 
+
 @dataclass
 class LMMOutput:
     logits: torch.Tensor  # with labels: only at the supervised positions (see forward)
@@ -26,8 +27,7 @@ class LMMOutput:
 
 
 class TinyLMM(nn.Module):
-    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int,
-                 spec: ModelSpec):
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int, spec: ModelSpec):
         super().__init__()
         self.vision = vision
         self.connector = connector
@@ -87,11 +87,16 @@ class TinyLMM(nn.Module):
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         if keep.numel() == 0:
             keep = keep.new_zeros(1)  # nothing supervised: a zero loss that still has a graph
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                          logits_to_keep=keep).logits
+        logits = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
+        ).logits
         targets = targets[:, keep]
-        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         n = int((targets != IGNORE_INDEX).sum())
         return LMMOutput(logits, loss_sum / max(n, 1), loss_sum, n)
 

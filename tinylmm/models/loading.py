@@ -12,9 +12,13 @@ class ModelNotFoundError(FileNotFoundError):
 
 def _missing_message(what: str, name: str, err: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    looked = f"the local directory '{name}'" if Path(name).exists() else (
-        f"a local directory '{name}' (none exists) and the Hugging Face hub id '{name}'"
-        + (" in the local cache only (HF_HUB_OFFLINE=1)" if offline else "")
+    looked = (
+        f"the local directory '{name}'"
+        if Path(name).exists()
+        else (
+            f"a local directory '{name}' (none exists) and the Hugging Face hub id '{name}'"
+            + (" in the local cache only (HF_HUB_OFFLINE=1)" if offline else "")
+        )
     )
     return (
         f"could not load the {what} '{name}': looked for {looked}.\n"

@@ -38,9 +38,7 @@ def set_rng_state(state: dict) -> None:
 def latest_step(stage_dir: Path) -> Path | None:
     if not stage_dir.is_dir():
         return None
-    steps = sorted(
-        (int(m.group(1)), p) for p in stage_dir.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()
-    )
+    steps = sorted((int(m.group(1)), p) for p in stage_dir.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
     return steps[-1][1] if steps else None
 
 

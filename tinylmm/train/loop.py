@@ -1,6 +1,6 @@
 """The staged training loop, on accelerate (single process, DDP, `accelerate launch`).
 
-Each stage: trainability plan -> optimizer groups -> token-weighted steps with gradient
+Each stage: trainability -> optimizer groups -> token-weighted steps with gradient
 accumulation, clipping, warmup + cosine -> step-N checkpoints -> final/. The next stage
 starts from the model as the previous one left it. `resume=True` continues from the last
 complete checkpoint with the same data order, optimizer and schedule state.
@@ -60,15 +60,25 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> L
         s = cfg.shapes
         with accel.main_process_first():
             paths = write_shapes_dataset(
-                run_dir / "data" / "shapes", seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct,
-                n_eval=s.n_eval, image_size=s.image_size or processor.image_processor.size,
+                run_dir / "data" / "shapes",
+                seed=s.seed,
+                n_caption=s.n_caption,
+                n_instruct=s.n_instruct,
+                n_eval=s.n_eval,
+                image_size=s.image_size or processor.image_processor.size,
             )
         return LlavaDataset(paths[stage.data.shapes], paths["images"], processor, template, stage.max_len)
     return LlavaDataset(stage.data.json, stage.data.images, processor, template, stage.max_len)
 
 
-def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_dir: str | Path | None = None,
-          console=None, evaluate: bool = True) -> RunResult:
+def train(
+    cfg: RunConfig | None = None,
+    sources: dict | None = None,
+    *,
+    resume_dir: str | Path | None = None,
+    console=None,
+    evaluate: bool = True,
+) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -94,7 +104,9 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     if resume_dir is None:
         if accel.is_main_process:
             if (run_dir / "config.yaml").exists():
-                raise FileExistsError(f"'{run_dir}' already holds a run; use --resume {run_dir} or another --output-dir")
+                raise FileExistsError(
+                    f"'{run_dir}' already holds a run; use --resume {run_dir} or another --output-dir"
+                )
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_resolved(cfg, sources or {}, run_dir / "config.yaml")
         accel.wait_for_everyone()
@@ -106,9 +118,12 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
     # A part no stage trains in full is only ever a frozen base: load it in the half dtype
     # right away (half the memory, and half the llm-base/ a qlora stage writes).
     only_frozen = {c: trainability.only_frozen(cfg, c) for c in ("llm", "vision")}
-    model, processor = build_model(cfg.model, attn_implementation=attn,
-                                   llm_dtype=half if only_frozen["llm"] else None,
-                                   vision_dtype=half if only_frozen["vision"] else None)
+    model, processor = build_model(
+        cfg.model,
+        attn_implementation=attn,
+        llm_dtype=half if only_frozen["llm"] else None,
+        vision_dtype=half if only_frozen["vision"] else None,
+    )
     trainability.check_partial_layers(model, cfg)
     runs = model.llm.config._attn_implementation
     if runs != attn:
@@ -123,16 +138,16 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
             loaded[key] = _stage_data(cfg, name, processor, run_dir, accel)
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
-    result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()],
-                       is_main=accel.is_main_process)
+    result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
 
-    for index, (name, stage) in enumerate(stages):
+    for index, (name, _) in enumerate(stages):
         stage_dir = run_dir / name
         final_dir = stage_dir / "final"
         # The stage's structure (adapters, quantized LLM) first: a checkpoint loads into it.
         with accel.main_process_first():  # the main process writes a base the others read
-            summary, notes = prepare_stage(model, cfg, name, run_dir, device=accel.device,
-                                           attn_implementation=attn, half_dtype=half)
+            summary, notes = prepare_stage(
+                model, cfg, name, run_dir, device=accel.device, attn_implementation=attn, half_dtype=half
+            )
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model)
         for line in notes:
@@ -166,9 +181,13 @@ def train(cfg: RunConfig | None = None, sources: dict | None = None, *, resume_d
             model.eval()
             for bench in cfg.eval.bench:  # the first one's summary is the run's result
                 summary = BENCHMARKS.get(bench, "eval.bench").evaluate(
-                    model, processor, BENCHMARKS.get(bench).data_for(run_dir / "final", processor),
-                    out=run_dir / "eval" / f"{bench}.json", batch_size=cfg.eval.batch_size,
-                    max_new_tokens=cfg.eval.max_new_tokens)
+                    model,
+                    processor,
+                    BENCHMARKS.get(bench).data_for(run_dir / "final", processor),
+                    out=run_dir / "eval" / f"{bench}.json",
+                    batch_size=cfg.eval.batch_size,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                )
                 report.eval_table(summary)
                 result.eval = result.eval or summary
     accel.wait_for_everyone()
@@ -214,16 +233,18 @@ def _forget_previous_accelerator() -> None:
 def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report, summary):
     stage = cfg.stages[name]
     where = f"stages.{name}"
-    plan = stage_steps(stage, len(dataset), accel.num_processes, where)
-    report.note(f"stage {index + 1}/{len(cfg.stages)} '{name}': {plan.total_steps} steps of {plan.global_batch} "
-                f"({plan.accumulation} x {plan.micro_batch} x {plan.world_size} proc); trainable: {summary.describe()}")
+    steps = stage_steps(stage, len(dataset), accel.num_processes, where)
+    report.note(
+        f"stage {index + 1}/{len(cfg.stages)} '{name}': {steps.total_steps} steps of {steps.global_batch} "
+        f"({steps.accumulation} x {steps.micro_batch} x {steps.world_size} proc); trainable: {summary.describe()}"
+    )
     groups = trainability.param_groups(model, stage)
     if not groups:
         raise ValueError(f"{where}: nothing to train (every component is frozen)")
     optimizer, optimizer_note = build_optimizer(groups, cfg.train.optimizer, accel.device)
     report.note(f"stage {name}: optimizer {optimizer_note}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(stage.scheduler, plan.warmup_steps, plan.total_steps)
+        optimizer, lr_lambda(stage.scheduler, steps.warmup_steps, steps.total_steps)
     )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -233,26 +254,28 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
 
     seed = cfg.train.seed * 1000 + index
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StageSampler(plan, seed, accel.process_index, start_step),
-        collate_fn=dataset.collate, num_workers=cfg.train.num_workers,
+        dataset,
+        batch_sampler=StageSampler(steps, seed, accel.process_index, start_step),
+        collate_fn=dataset.collate,
+        num_workers=cfg.train.num_workers,
     )
     trainable = [p for g in groups for p in g["params"]]
     batches = iter(loader)  # draws a seed from the global RNG: restore the RNG after it
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # dropout (e.g. LoRA's) continues where it stopped
     losses = []
-    report.start_stage(name, plan.total_steps, start_step)
-    for step in range(start_step, plan.total_steps):
+    report.start_stage(name, steps.total_steps, start_step)
+    for step in range(start_step, steps.total_steps):
         t0 = time.perf_counter()
         # Every process knows the whole step's samples, so the loss is the mean over all
         # supervised tokens of the global batch, whatever the accumulation or world size.
-        global_tokens = sum(dataset.num_supervised(i) for i in step_indices(plan, step, seed))
+        global_tokens = sum(dataset.num_supervised(i) for i in step_indices(steps, step, seed))
         loss_sum = torch.zeros((), device=accel.device)
         tokens = 0
-        for micro in range(plan.accumulation):
+        for micro in range(steps.accumulation):
             batch = {k: v.to(accel.device) for k, v in next(batches).items()}
             tokens += int(batch["attention_mask"].sum())
-            sync = micro == plan.accumulation - 1
+            sync = micro == steps.accumulation - 1
             with contextlib.nullcontext() if sync else accel.no_sync(wrapped):
                 micro_loss = wrapped(**batch).loss_sum  # the logits are not kept past this line
                 # DDP averages gradients over processes: scale back to a sum over the batch.
@@ -269,7 +292,7 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
         losses.append(loss)
         report.step(name, index, step + 1, loss, lr, float(grad_norm), tokens, time.perf_counter() - t0)
         done = step + 1
-        if stage.save_every and done % stage.save_every == 0 and done < plan.total_steps:
+        if stage.save_every and done % stage.save_every == 0 and done < steps.total_steps:
             _save_step(accel, model, processor, optimizer, scheduler, stage_dir, done)
     report.end_stage()
     accel.free_memory()  # drop the DDP wrapper: the next stage wraps its own trainable set
@@ -279,8 +302,12 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
 def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
     accel.wait_for_everyone()
     if accel.is_main_process:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": ckpt.rng_state()}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
 
         def write(d):
             model.save(d, processor)

@@ -70,6 +70,7 @@ class SavedTensors:
                 self.layer_inputs[label] = _key(x)
                 if x.requires_grad or any(p.requires_grad for p in module.parameters()):
                     self.held[_key(x)] = x.untyped_storage().nbytes()
+
         return hook
 
     def _post(self, module, args, output):
@@ -194,16 +195,17 @@ def make_batch(model, B: int, S: int, pad: int = 7, seed: int = 0) -> dict:
     M = model.num_image_tokens
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 480, (B, S), generator=g)
-    ids[:, 1:1 + M] = model.image_token_id
+    ids[:, 1 : 1 + M] = model.image_token_id
     labels = ids.clone()
-    labels[:, :1 + M] = -100
+    labels[:, : 1 + M] = -100
     mask = torch.ones(B, S, dtype=torch.long)
     mask[-1, -pad:] = 0
     labels[-1, -pad:] = -100
     ids[-1, -pad:] = 3
     size = model.vision.image_size
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(B, 3, size, size, generator=g),
-                labels=labels)
+    return dict(
+        input_ids=ids, attention_mask=mask, pixel_values=torch.randn(B, 3, size, size, generator=g), labels=labels
+    )
 
 
 def logit_positions(batch: dict) -> int:
@@ -242,7 +244,7 @@ def measure_saved(model, batch: dict, precision: str) -> tuple[int, int]:
     del out
     enable_checkpointing(model)
     with SavedTensors(model, layers) as ck, autocast(precision):
-        out = model(**batch)
+        _out = model(**batch)  # kept alive while the hooks count
     return without, ck.total + ck.held_bytes() + largest_layer
 
 
@@ -256,7 +258,7 @@ def measure_tower_saved(model, pixel_values: torch.Tensor, precision: str) -> tu
     del out
     enable_checkpointing(model)
     with SavedTensors(tower, {"vision": tower.layers}) as ck, autocast(precision):
-        out = tower(pixel_values)
+        _out = tower(pixel_values)  # kept alive while the hooks count
     return without, ck.total + ck.held_bytes() + largest
 
 
@@ -269,7 +271,9 @@ def measure_peak(cfg, stage: str, batch_size: int, seq_len: int, run_dir, micro_
     model = stage_model(cfg, stage, run_dir, precision)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
-    opt, _ = build_optimizer(trainability.param_groups(model, cfg.stages[stage]), cfg.train.optimizer, torch.device("cpu"))
+    opt, _ = build_optimizer(
+        trainability.param_groups(model, cfg.stages[stage]), cfg.train.optimizer, torch.device("cpu")
+    )
     batch = make_batch(model, batch_size, seq_len)
 
     def step():

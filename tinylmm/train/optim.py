@@ -17,7 +17,10 @@ def build_optimizer(groups: list[dict], name: str, device: torch.device) -> tupl
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError(f"train.optimizer={name} needs bitsandbytes: pip install peft bitsandbytes (tinylmm's dependencies; did the install fail on this platform?)") from None
+        raise ConfigError(
+            f"train.optimizer={name} needs bitsandbytes: pip install peft bitsandbytes (tinylmm's dependencies; "
+            "did the install fail on this platform?)"
+        ) from None
     cls = getattr(bnb.optim, BNB_CLASSES[name])
     note = f"{BNB_CLASSES[name]} (bitsandbytes"
     if name.startswith("paged") and device.type != "cuda":

@@ -45,10 +45,15 @@ class Reporter:
         if not self.is_main:
             return
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(name, total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
@@ -59,9 +64,17 @@ class Reporter:
             return
         elapsed = time.perf_counter() - self.t_stage
         tps = self.tokens / max(elapsed, 1e-9)
-        rec = {"stage": stage, "stage_index": stage_index, "step": step, "loss": round(loss, 6), "lr": lr,
-               "grad_norm": round(grad_norm, 4), "tokens": tokens, "tokens_per_s": round(tps, 1),
-               "step_time": round(seconds, 4)}
+        rec = {
+            "stage": stage,
+            "stage_index": stage_index,
+            "step": step,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 4),
+            "tokens": tokens,
+            "tokens_per_s": round(tps, 1),
+            "step_time": round(seconds, 4),
+        }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         self.progress.update(self.task, completed=step, loss=loss, lr=lr, tps=tps)

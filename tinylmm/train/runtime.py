@@ -13,8 +13,7 @@ log = logging.getLogger(__name__)
 def has_accelerator() -> bool:
     mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(mps and mps.is_available())
-            or bool(xpu and xpu.is_available()))
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
 def cpu_has_bf16() -> bool:
@@ -29,7 +28,11 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     cuda = torch.cuda.is_available()
     if requested == "auto":
         if cuda:
-            return ("bf16", "bf16 autocast (GPU)") if torch.cuda.is_bf16_supported() else ("fp16", "fp16 autocast (GPU without bf16)")
+            return (
+                ("bf16", "bf16 autocast (GPU)")
+                if torch.cuda.is_bf16_supported()
+                else ("fp16", "fp16 autocast (GPU without bf16)")
+            )
         if cpu_has_bf16():
             return "bf16", "bf16 autocast (CPU with native bf16)"
         return "no", "fp32 (this CPU has no native bf16; fallback)"
@@ -62,7 +65,8 @@ def enable_checkpointing(model) -> None:
             part.set_grad_checkpointing(True)
             continue
         if getattr(part, "is_activation_checkpointing", None) or (
-                not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)):
+            not hasattr(part, "is_activation_checkpointing") and getattr(part, "is_gradient_checkpointing", False)
+        ):
             continue
         if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -44,21 +44,21 @@ def stage_steps(stage: StageConfig, num_samples: int, world_size: int, where: st
     return StageSteps(num_samples, stage.batch_size, stage.micro_batch_size, world_size, steps_per_epoch, total, warmup)
 
 
-def step_indices(plan: StageSteps, step: int, seed: int) -> list[int]:
+def step_indices(steps: StageSteps, step: int, seed: int) -> list[int]:
     """The samples of optimizer step `step` (all processes): a fresh permutation per epoch."""
-    epoch, pos = divmod(step, plan.steps_per_epoch)
+    epoch, pos = divmod(step, steps.steps_per_epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(plan.num_samples, generator=g)
-    return perm[pos * plan.global_batch : (pos + 1) * plan.global_batch].tolist()
+    perm = torch.randperm(steps.num_samples, generator=g)
+    return perm[pos * steps.global_batch : (pos + 1) * steps.global_batch].tolist()
 
 
-def micro_batches(plan: StageSteps, indices: list[int], rank: int) -> list[list[int]]:
+def micro_batches(steps: StageSteps, indices: list[int], rank: int) -> list[list[int]]:
     """This process's micro-batches of one step, in accumulation order."""
-    chunk = plan.micro_batch * plan.world_size
+    chunk = steps.micro_batch * steps.world_size
     out = []
-    for a in range(plan.accumulation):
+    for a in range(steps.accumulation):
         part = indices[a * chunk : (a + 1) * chunk]
-        out.append(part[rank * plan.micro_batch : (rank + 1) * plan.micro_batch])
+        out.append(part[rank * steps.micro_batch : (rank + 1) * steps.micro_batch])
     return out
 
 
@@ -66,15 +66,15 @@ class StageSampler(Sampler):
     """Yields this process's micro-batches from `start_step` on (so a resumed run sees the
     same data in the same order), for a DataLoader's `batch_sampler`."""
 
-    def __init__(self, plan: StageSteps, seed: int, rank: int, start_step: int = 0):
-        self.plan, self.seed, self.rank, self.start_step = plan, seed, rank, start_step
+    def __init__(self, steps: StageSteps, seed: int, rank: int, start_step: int = 0):
+        self.steps, self.seed, self.rank, self.start_step = steps, seed, rank, start_step
 
     def __iter__(self):
-        for step in range(self.start_step, self.plan.total_steps):
-            yield from micro_batches(self.plan, step_indices(self.plan, step, self.seed), self.rank)
+        for step in range(self.start_step, self.steps.total_steps):
+            yield from micro_batches(self.steps, step_indices(self.steps, step, self.seed), self.rank)
 
     def __len__(self) -> int:
-        return (self.plan.total_steps - self.start_step) * self.plan.accumulation
+        return (self.steps.total_steps - self.start_step) * self.steps.accumulation
 
 
 def lr_lambda(kind: str, warmup: int, total: int):

@@ -15,8 +15,16 @@ from tinylmm.schema import RunConfig
 log = logging.getLogger(__name__)
 
 
-def prepare_stage(model, cfg: RunConfig, name: str, run_dir: Path, *, device="cpu", attn_implementation="sdpa",
-                  half_dtype: torch.dtype | None = None) -> tuple[trainability.Counts, list[str]]:
+def prepare_stage(
+    model,
+    cfg: RunConfig,
+    name: str,
+    run_dir: Path,
+    *,
+    device="cpu",
+    attn_implementation="sdpa",
+    half_dtype: torch.dtype | None = None,
+) -> tuple[trainability.Counts, list[str]]:
     """Give the model the structure stage `name` needs, then its trainability plan.
 
     Structure changes follow `trainability.structures`: attach adapters (and quantize the
@@ -35,16 +43,26 @@ def prepare_stage(model, cfg: RunConfig, name: str, run_dir: Path, *, device="cp
         base_dir = run_dir / name / "llm-base"
         if llm_state == "qlora":
             adapters.quantize_llm(model, base_dir, cfg.quant, device=device, attn_implementation=attn_implementation)
-            kernels = "CUDA kernels" if torch.device(device).type == "cuda" else \
-                "bitsandbytes' CPU fallback kernels (no GPU: slower than CUDA)"
-            notes.append(f"llm: reloaded from {base_dir} in {cfg.quant.bits}-bit"
-                         + (f" {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, "
-                            f"compute {cfg.quant.compute_dtype}" if cfg.quant.bits == 4 else " (LLM.int8)")
-                         + f"; {kernels}")
+            kernels = (
+                "CUDA kernels"
+                if torch.device(device).type == "cuda"
+                else "bitsandbytes' CPU fallback kernels (no GPU: slower than CUDA)"
+            )
+            notes.append(
+                f"llm: reloaded from {base_dir} in {cfg.quant.bits}-bit"
+                + (
+                    f" {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, compute {cfg.quant.compute_dtype}"
+                    if cfg.quant.bits == 4
+                    else " (LLM.int8)"
+                )
+                + f"; {kernels}"
+            )
         adapters.attach_llm_lora(model, cfg.lora, base_dir)
-        notes.append(f"llm: LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} on "
-                     f"{', '.join(sorted(model.llm.peft_config['default'].target_modules))}"
-                     + (f"; trained in full: {', '.join(cfg.lora.modules_to_save)}" if cfg.lora.modules_to_save else ""))
+        notes.append(
+            f"llm: LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} on "
+            f"{', '.join(sorted(model.llm.peft_config['default'].target_modules))}"
+            + (f"; trained in full: {', '.join(cfg.lora.modules_to_save)}" if cfg.lora.modules_to_save else "")
+        )
     if vision_state == "plain" and adapters.has_vision_lora(model):
         adapters.merge_vision_lora(model)
         notes.append("vision: LoRA adapters merged into the tower")

@@ -26,7 +26,21 @@ from tinylmm.data.templates.core import (
 )
 
 __all__ = [
-    "AUTO", "IGNORE_INDEX", "IMAGE_TOKEN", "TEMPLATES", "TINYLLAVA_SYSTEM", "ChatTemplate", "Template",
-    "TemplateError", "TemplateMismatch", "bind_template", "describe_templates", "get_template", "human_text",
-    "template_names", "tokenize_pieces", "tokenize_with_labels", "tokenizer_name",
+    "AUTO",
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "TEMPLATES",
+    "TINYLLAVA_SYSTEM",
+    "ChatTemplate",
+    "Template",
+    "TemplateError",
+    "TemplateMismatch",
+    "bind_template",
+    "describe_templates",
+    "get_template",
+    "human_text",
+    "template_names",
+    "tokenize_pieces",
+    "tokenize_with_labels",
+    "tokenizer_name",
 ]

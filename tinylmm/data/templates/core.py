@@ -98,19 +98,28 @@ class Template:
         eos = self.end_token(tokenizer)
         if eos in tokenizer.get_vocab() and _single_token(tokenizer, eos):
             return
-        fits = [n for n, t in TEMPLATES.items() if isinstance(t, Template) and not t.caption_only
-                and t.eos in tokenizer.get_vocab() and _single_token(tokenizer, t.eos)]
+        fits = [
+            n
+            for n, t in TEMPLATES.items()
+            if isinstance(t, Template)
+            and not t.caption_only
+            and t.eos in tokenizer.get_vocab()
+            and _single_token(tokenizer, t.eos)
+        ]
         if getattr(tokenizer, "chat_template", None):
             fits.append(AUTO)
-        hint = (f"set model.template to {' or '.join(repr(f) for f in fits)}" if fits else
-                "use the template of this LLM's family (`tinylmm ls templates`)")
+        hint = (
+            f"set model.template to {' or '.join(repr(f) for f in fits)}"
+            if fits
+            else "use the template of this LLM's family (`tinylmm ls templates`)"
+        )
         raise TemplateError(
             f"template '{self.name}' ends each answer with {eos!r}, which is not one token of tokenizer "
             f"'{tokenizer_name(tokenizer)}': the template belongs to another model family (its answers would end "
             f"in a stop token the model cannot emit); {hint}"
         )
 
-    def bind(self, tokenizer) -> "Template":
+    def bind(self, tokenizer) -> Template:
         """This template for `tokenizer`, checked against it."""
         self.check(tokenizer)
         return self
@@ -132,8 +141,9 @@ class Template:
                 before, after = self.assistant.split("{content}")
                 # Supervised from where the inference prompt ends: "ASSISTANT:" is the prompt, so
                 # the model generates " red</s>", space included (it may be a token of its own).
-                start = len(text) + (len(self.generation_prompt) if before.startswith(self.generation_prompt)
-                                     else len(before))
+                start = len(text) + (
+                    len(self.generation_prompt) if before.startswith(self.generation_prompt) else len(before)
+                )
                 text += before + value + after.format(eos=eos)
                 spans.append((start, len(text)))
         if add_generation_prompt:
@@ -154,8 +164,10 @@ _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 _MARKUP = (re.compile(r"<\|[^<>|\s]+\|>"), re.compile(r"</?[A-Za-z][\w.-]*>"))
 # The conversation every chat template is checked with at binding time.
 PROBE = [
-    ("human", IMAGE_TOKEN + "\nWhat is in the picture?"), ("gpt", "A red circle."),
-    ("human", "Where is it?"), ("gpt", "At the top left."),
+    ("human", IMAGE_TOKEN + "\nWhat is in the picture?"),
+    ("gpt", "A red circle."),
+    ("human", "Where is it?"),
+    ("gpt", "At the top left."),
 ]
 
 
@@ -194,7 +206,7 @@ class ChatTemplate:
     description = "the tokenizer's own chat template (Qwen2.5/3, SmolLM2, Llama-3, Gemma-2 ...)"
 
     @classmethod
-    def bind(cls, tokenizer) -> "ChatTemplate":
+    def bind(cls, tokenizer) -> ChatTemplate:
         return cls(tokenizer)
 
     def __init__(self, tokenizer):
@@ -219,22 +231,27 @@ class ChatTemplate:
 
     def check(self, tokenizer) -> None:
         if tokenizer is not self.tokenizer:
-            raise TemplateError(f"this 'auto' template is bound to tokenizer '{self.tokenizer_name}', not to "
-                                f"'{tokenizer_name(tokenizer)}'; bind one with bind_template('auto', tokenizer)")
+            raise TemplateError(
+                f"this 'auto' template is bound to tokenizer '{self.tokenizer_name}', not to "
+                f"'{tokenizer_name(tokenizer)}'; bind one with bind_template('auto', tokenizer)"
+            )
 
     def render(self, turns: list[tuple[str, str]], eos: str | None = None, add_generation_prompt: bool = False):
         """As Template.render; `eos`, if given, must be the end token this template found."""
         if eos is not None and eos != self.eos:
-            raise TemplateError(f"the chat template of '{self.tokenizer_name}' ends answers with {self.eos!r}, "
-                                f"not {eos!r}")
+            raise TemplateError(
+                f"the chat template of '{self.tokenizer_name}' ends answers with {self.eos!r}, not {eos!r}"
+            )
         if add_generation_prompt and len(turns) % 2 != 1:
             raise TemplateError("a generation prompt needs the conversation to end with a human turn")
         text, answers = self._locate(turns, add_generation_prompt)
         spans = []
         for k, (start, end) in enumerate(answers):
             if not text.startswith(self.eos, end):
-                raise TemplateMismatch(f"the chat template of '{self.tokenizer_name}' ends answer {k} with "
-                                       f"{text[end:end + 24]!r}, not with {self.eos!r}")
+                raise TemplateMismatch(
+                    f"the chat template of '{self.tokenizer_name}' ends answer {k} with "
+                    f"{text[end : end + 24]!r}, not with {self.eos!r}"
+                )
             spans.append((start, end + len(self.eos)))
         return text, spans
 
@@ -242,12 +259,17 @@ class ChatTemplate:
 
     def _apply(self, messages, add_generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      enable_thinking=False, date_string=FIXED_DATE)
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=False,
+                date_string=FIXED_DATE,
+            )
         except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in a template
-            raise TemplateMismatch(f"the chat template of '{self.tokenizer_name}' refused the conversation "
-                                   f"({type(e).__name__}: {e})") from None
+            raise TemplateMismatch(
+                f"the chat template of '{self.tokenizer_name}' refused the conversation ({type(e).__name__}: {e})"
+            ) from None
 
     def _locate(self, turns, add_generation_prompt: bool):
         """The rendering of `turns` and the (start, end) of each answer's text in it."""
@@ -262,8 +284,9 @@ class ChatTemplate:
         marked = self._apply(messages, add_generation_prompt)
         pieces = _MARK_RE.split(marked)  # text, index, text, index, ..., text
         if [int(i) for i in pieces[1::2]] != list(range(len(answers))):
-            raise TemplateMismatch(f"the chat template of '{self.tokenizer_name}' does not render every answer "
-                                   "once and in order")
+            raise TemplateMismatch(
+                f"the chat template of '{self.tokenizer_name}' does not render every answer once and in order"
+            )
         text, spans = pieces[0], []
         for answer, after in zip(answers, pieces[2::2]):
             spans.append((len(text), len(text) + len(answer)))
@@ -273,9 +296,11 @@ class ChatTemplate:
             if m["role"] == "assistant":
                 m["content"] = next(real)
         if self._apply(messages, add_generation_prompt) != text:
-            raise TemplateMismatch(f"the chat template of '{self.tokenizer_name}' changes the text of an answer "
-                                   "(it renders it differently from the data), so the supervised tokens cannot be "
-                                   "located")
+            raise TemplateMismatch(
+                f"the chat template of '{self.tokenizer_name}' changes the text of an answer "
+                "(it renders it differently from the data), so the supervised tokens cannot be "
+                "located"
+            )
         return text, spans
 
     def _bind(self) -> str:
@@ -285,8 +310,9 @@ class ChatTemplate:
             text, answers = self._locate(PROBE, False)
         except TemplateMismatch as e:
             raise TemplateError(f"{where}: {e}") from None
-        specials = sorted((t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special),
-                          key=len, reverse=True)
+        specials = sorted(
+            (t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True
+        )
         ends = []
         for _, end in answers:
             after = text[end:]
@@ -296,7 +322,8 @@ class ChatTemplate:
                     f"{where}: the chat template ends an answer with {after[:24]!r}, which does not start with a "
                     "special token of the vocabulary, so the model could not learn where its answer stops (the "
                     "chat template is not this tokenizer's, or it writes its markers as plain text); use the "
-                    "template of this LLM's family (phi, llama)")
+                    "template of this LLM's family (phi, llama)"
+                )
             ends.append(found)
         if len(set(ends)) != 1:
             raise TemplateError(f"{where}: the chat template ends answers with different tokens {ends}")
@@ -307,13 +334,20 @@ class ChatTemplate:
         # marker the vocabulary lacks is split into pieces the model was never trained on.
         form = next((f for f in _MARKUP if f.fullmatch(eos)), None)
         if form is not None:
-            missing = sorted({m for m in form.findall(text) if m != IMAGE_TOKEN  # ours, in the user text
-                              and not _single_token(self.tokenizer, m)})
+            missing = sorted(
+                {
+                    m
+                    for m in form.findall(text)
+                    if m != IMAGE_TOKEN  # ours, in the user text
+                    and not _single_token(self.tokenizer, m)
+                }
+            )
             if missing:
                 raise TemplateError(
                     f"{where}: the chat template writes {', '.join(missing)}, which the tokenizer splits into "
                     f"pieces (not special tokens of its vocabulary, unlike {eos!r}): the chat template does not "
-                    "belong to this tokenizer; use the model's own tokenizer, or a template of its family")
+                    "belong to this tokenizer; use the model's own tokenizer, or a template of its family"
+                )
         # Train/inference agreement: the generation prompt of the conversation before the last
         # answer is the training text up to that answer.
         prompt, _ = self._locate(PROBE[:-1], True)
@@ -322,7 +356,8 @@ class ChatTemplate:
             raise TemplateError(
                 f"{where}: the chat template's generation prompt differs from how it renders an answer, so the "
                 f"model would be prompted differently from how it was trained (prompt ends {prompt[-40:]!r}, the "
-                f"training text has {text[max(0, start - 40):start]!r} before the answer)")
+                f"training text has {text[max(0, start - 40) : start]!r} before the answer)"
+            )
         return eos
 
 

@@ -46,9 +46,7 @@ class ResamplerConnector(nn.Module):
     def __init__(self, options: ResamplerOptions, vision_dim: int, llm_dim: int):
         super().__init__()
         if llm_dim % options.num_heads:
-            raise ConfigError(
-                f"model.connector.num_heads={options.num_heads} does not divide the LLM width {llm_dim}"
-            )
+            raise ConfigError(f"model.connector.num_heads={options.num_heads} does not divide the LLM width {llm_dim}")
         if options.num_queries < 1 or options.depth < 1:
             raise ConfigError("model.connector.num_queries and depth must be >= 1")
         self.num_queries = options.num_queries
@@ -80,4 +78,3 @@ class ResamplerConnector(nn.Module):
             queries = ctx.tracer(ctx.tokens_out)
             queries.save(ctx.tensor(len(self.blocks) * 16 * kv.n, queries.c, False))
         return ctx.tensor(kv.n, patches.c, grad)
-

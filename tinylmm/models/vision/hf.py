@@ -21,7 +21,6 @@ import logging
 
 import torch
 from torch import nn
-
 from transformers import (
     AutoConfig,
     CLIPVisionConfig,
@@ -81,9 +80,7 @@ class VisionTower(nn.Module):
         total = len(layers)
         keep = spec.feature_layer + total + 1 if spec.feature_layer < 0 else spec.feature_layer
         if not 1 <= keep <= total:
-            raise ConfigError(
-                f"model.vision.feature_layer={spec.feature_layer} is outside the tower's {total} layers"
-            )
+            raise ConfigError(f"model.vision.feature_layer={spec.feature_layer} is outside the tower's {total} layers")
         setattr(inner.encoder, self._layers_name, layers[:keep])
         # Never used for the features: see the module docstring.
         for norm in ("post_layernorm", "layernorm"):
@@ -112,11 +109,15 @@ class VisionTower(nn.Module):
         self.image_size = spec.image_size or model.config.image_size
         if spec.image_size is not None:
             if model.config.model_type not in RESIZABLE:
-                raise ConfigError(f"model.vision.image_size: a {model.config.model_type} tower takes its own "
-                                  f"{model.config.image_size} px; only {', '.join(RESIZABLE)} towers take another size")
+                raise ConfigError(
+                    f"model.vision.image_size: a {model.config.model_type} tower takes its own "
+                    f"{model.config.image_size} px; only {', '.join(RESIZABLE)} towers take another size"
+                )
             if spec.image_size % patch:
-                raise ConfigError(f"model.vision.image_size={spec.image_size} is not a multiple of the tower's "
-                                  f"patch size {patch} (e.g. {spec.image_size // patch * patch or patch})")
+                raise ConfigError(
+                    f"model.vision.image_size={spec.image_size} is not a multiple of the tower's "
+                    f"patch size {patch} (e.g. {spec.image_size // patch * patch or patch})"
+                )
         grid = self.image_size // patch
         self.patch_size = patch
         self.tower_tokens = grid * grid + int(self.has_cls)  # tokens inside the tower per image
@@ -147,6 +148,85 @@ class VisionTower(nn.Module):
             h = inner.encoder(inputs_embeds=h).last_hidden_state
         return h[:, 1:] if self.drop_first else h
 
+    def trace(self, ctx):
+        """The planner's replay of `forward` (tinylmm/memory/activations.py: TowerTrace), up to
+        the CLS drop: the patch convolution, the embeddings added to it, CLIP's pre_layrnorm,
+        the encoder's layers."""
+        inner, vcfg = self._inner[0], self.config
+        conv_out, conv_train = trace_patch_embedding(ctx, self.patch_embedding, self.patch_size)
+        emb = inner.embeddings
+        # CLIP / SigLIP: an nn.Embedding of positions; DINOv2: position embeddings (interpolated
+        # to the input size: a fixed-size computation that saves nothing per token) and a CLS
+        # token concatenated to the patches, both as parameters: type promotion takes the widest
+        added = (
+            [emb.position_embedding.weight]
+            if hasattr(emb, "position_embedding")
+            else [emb.position_embeddings, emb.cls_token]
+        )
+        x = ctx.tensor(
+            vcfg.hidden_size,
+            max([conv_out] + [ctx.wbytes(p) for p in added]),
+            conv_train or any(ctx.trains(p) for p in added),
+        )
+        if hasattr(inner, "pre_layrnorm"):  # CLIP
+            x = ctx.top.layernorm(x, ctx.norm(inner.pre_layrnorm.weight))
+        heads = vcfg.num_attention_heads
+        if vcfg.model_type == "dinov2":
+            return ctx.blocks(x, lambda tr, x, view: dinov2_layer(tr, x, view, heads, ctx.eager))
+        act_saves = 2 if getattr(vcfg, "hidden_act", "") == "quick_gelu" else 1
+        return ctx.blocks(x, lambda tr, x, view: vit_layer(tr, x, view, heads, act_saves, ctx.eager))
+
+
+# --------------------------------------------------------------------------- the planner's replay
+# The blocks op by op as their forward code runs them, on the memory planner's tracer `tr`
+# (tinylmm/memory/tracer.py) with `L` a block's LayerView (tinylmm/memory/layers.py), both
+# passed in: this module does not import the planner.
+
+
+def trace_patch_embedding(ctx, conv: nn.Conv2d, patch: int) -> tuple[float, bool]:
+    """The patch convolution every tower opens with (OpenCLIPTower's too), on `ctx.top`: the
+    pixels are cast to the conv's dtype; a trainable conv saves them (in the half dtype under
+    autocast, with a half copy of its weight). (bytes per element of its output, whether it
+    trains)."""
+    top, w = ctx.top, conv.weight
+    trains = ctx.trains(w)
+    px = top.cast(ctx.tensor(3 * patch**2, 4, False), ctx.wbytes(w))  # pixels cast to the conv dtype
+    if trains:
+        top.save(top.cast(px, top.c) if ctx.autocast else px)
+        if ctx.autocast:
+            top.fixed += top.c * w.numel()
+    return (top.c if ctx.autocast else ctx.wbytes(w)), trains
+
+
+def vit_layer(tr, x, L, heads: int, act_saves: int, eager: bool):
+    """CLIPEncoderLayer / SiglipEncoderLayer. `act_saves`: tensors of its input's size the
+    MLP's activation saves (2 for quick_gelu, x * sigmoid(1.702 x))."""
+    h = tr.layernorm(x, L.norm("layer_norm1"))
+    q, k, v = (tr.linear(h, L.lin(f"self_attn.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
+    x = tr.add(x, tr.linear(a, L.lin("self_attn.out_proj")))
+    h = tr.layernorm(x, L.norm("layer_norm2"))
+    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")), saves=act_saves)
+    return tr.add(x, tr.linear(m, L.lin("mlp.fc2")))
+
+
+def dinov2_layer(tr, x, L, heads: int, eager: bool):
+    """Dinov2Layer: each branch's output multiplied by a per-channel LayerScale before the
+    residual add. Stochastic depth (drop_path) and the SwiGLU MLP (ViT-g) are not modelled."""
+    if not isinstance(L.get("drop_path"), nn.Identity) or hasattr(L.get("mlp"), "gate_proj"):
+        raise ConfigError(
+            f"the memory planner does not know the layer layout of {type(L.block).__name__} "
+            f"({L.prefix}): it knows DINOv2 layers with a GELU MLP and no drop path "
+            "(drop_path_rate: 0, use_swiglu_ffn: false)"
+        )
+    h = tr.layernorm(x, L.norm("norm1"))
+    q, k, v = (tr.linear(h, L.lin(f"attention.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+    a = tr.sdpa(q, k, v, heads, repeat_kv=False, mask=False, eager=eager)
+    x = tr.add(x, tr.scale(tr.linear(a, L.lin("attention.o_proj")), L.scale("layer_scale1")))
+    h = tr.layernorm(x, L.norm("norm2"))
+    m = tr.unary(tr.linear(h, L.lin("mlp.fc1")))
+    return tr.add(x, tr.scale(tr.linear(m, L.lin("mlp.fc2")), L.scale("layer_scale2")))
+
 
 def image_mean_std(spec: VisionSpec, model_type: str):
     mean, std = FAMILY_MEAN_STD.get(model_type, ([0.5] * 3, [0.5] * 3))
@@ -167,8 +247,10 @@ class TransformersBackend:
     @staticmethod
     def validate(spec: VisionSpec) -> None:
         if spec.pretrained is not None:
-            raise ConfigError("model.vision.pretrained names the weights of an open_clip tower (name_or_path: "
-                              "open_clip:<model>); a hub id or directory brings its own weights")
+            raise ConfigError(
+                "model.vision.pretrained names the weights of an open_clip tower (name_or_path: "
+                "open_clip:<model>); a hub id or directory brings its own weights"
+            )
 
     @staticmethod
     def build(spec: VisionSpec, *, device=None, dtype=None, attn_implementation: str = "sdpa") -> VisionTower:
@@ -181,8 +263,13 @@ class TransformersBackend:
             cfg = getattr(cfg, "vision_config", cfg)  # a full CLIP/SigLIP checkpoint holds both towers
             if cfg.model_type not in CLASSES:
                 raise unknown("vision model_type", cfg.model_type, CLASSES)
-            model = from_pretrained_or_fail(CLASSES[cfg.model_type][1], spec.name_or_path, "vision tower",
-                                            dtype=dtype, attn_implementation=attn_implementation)
+            model = from_pretrained_or_fail(
+                CLASSES[cfg.model_type][1],
+                spec.name_or_path,
+                "vision tower",
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+            )
         else:
             raise ConfigError("model.vision needs 'name_or_path' (hub id or directory) or an inline 'config'")
         return VisionTower(model, spec)

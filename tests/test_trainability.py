@@ -1,4 +1,4 @@
-"""Trainability plans: requires_grad flags, optimizer groups, and frozen parts untouched."""
+"""Trainability (tinylmm/trainability.py): requires_grad flags, optimizer groups, and frozen parts untouched."""
 
 import torch
 
@@ -6,12 +6,18 @@ from tinylmm.config import StageConfig
 from tinylmm.models import build_model
 from tinylmm.trainability import apply as apply_plan
 from tinylmm.trainability import param_groups
+
 from test_models import spec
 
 
 def stage(**tune):
-    return StageConfig(tune={"vision": "frozen", "connector": "full", "llm": "frozen", **tune}, lr=1e-2,
-                       connector_lr=5e-2, vision_lr=3e-3, weight_decay=0.1)
+    return StageConfig(
+        tune={"vision": "frozen", "connector": "full", "llm": "frozen", **tune},
+        lr=1e-2,
+        connector_lr=5e-2,
+        vision_lr=3e-3,
+        weight_decay=0.1,
+    )
 
 
 def trainable_names(module):
@@ -66,8 +72,9 @@ def test_frozen_parameters_stay_bit_identical_after_a_step():
     opt = torch.optim.AdamW(param_groups(model, st))
     enc = proc.encode([("human", "<image>\nWhat color?"), ("gpt", "red")], num_images=1)
     ids = torch.tensor([enc.input_ids])
-    out = model(ids, torch.ones_like(ids), proc.image_processor(Image.new("RGB", (32, 32)))[None],
-                torch.tensor([enc.labels]))
+    out = model(
+        ids, torch.ones_like(ids), proc.image_processor(Image.new("RGB", (32, 32)))[None], torch.tensor([enc.labels])
+    )
     out.loss.backward()
     opt.step()
     for n, p in model.named_parameters():
