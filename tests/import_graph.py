@@ -21,7 +21,7 @@ PACKAGE = ROOT / "tinylmm"
 # Bottom to top. A module belongs to the first entry its dotted name (without "tinylmm.") starts with.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "resources", "files"),
-    ("registry",),
+    ("registry", "sizes"),
     ("schema",),
     ("trainability", "catalog"),
     ("data",),
@@ -32,10 +32,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("api",),
     ("cli", ""),  # "" is the package root, tinylmm/__init__.py
 ]
-# Internal imports inside functions are kept only for start-up time: the CLI and the api it
-# calls import a subsystem when a command needs it (`tinylmm --help`, `ls` and `zoo ls` import
-# no ML library), and `import tinylmm` stays light.
-DEFERRED_ALLOWED = ("cli", "api", "")
+# Internal imports inside functions are kept only for start-up time: an api function imports
+# the subsystem its command needs when called (`tinylmm --help`, `ls` and `zoo ls` import no
+# ML library), and `import tinylmm` stays light.
+DEFERRED_ALLOWED = ("api", "")
 
 
 @dataclass(frozen=True)

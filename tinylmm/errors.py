@@ -9,6 +9,18 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key at fault."""
 
 
+class DataError(ValueError):
+    """A dataset that cannot be read (a missing file, a file that is not LLaVA-format JSON)."""
+
+
+class TemplateError(ValueError):
+    """A conversation template that does not fit the tokenizer or the conversation."""
+
+
+class TemplateMismatch(TemplateError):
+    """The template cannot locate a sample's answers (e.g. the chat template rewrites them)."""
+
+
 def did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,5 +1,5 @@
-"""The `tinylmm` console script. Each command is argument parsing + a library call + rich
-output; the ML stack is imported inside the commands so `--help` is instant."""
+"""The `tinylmm` console script. Each command is argument parsing + one tinylmm.api call +
+rich output; the api imports the ML stack when a command runs, so `--help` is instant."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import typer
 
 from tinylmm.cli import chat, convert, evaluate, listing, merge, plan, train, zoo
+from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
     name="tinylmm",
@@ -28,7 +29,6 @@ app.add_typer(zoo.app, name="zoo")
 
 
 def main() -> None:
-    from tinylmm.cli.errors import run_cli
 
     sys.exit(run_cli(app))
 

@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from tinylmm.api import ChatSession
+
 
 def chat(
     model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
@@ -18,7 +20,6 @@ def chat(
 ):
     """Chat with a trained model; answers stream as they are generated. In the interactive
     chat, `/image PATH` switches image, `/reset` clears the history, `/quit` leaves."""
-    from tinylmm.api import ChatSession
 
     session = ChatSession(model_dir, max_new_tokens=max_new_tokens, temperature=temperature, load_4bit=load_4bit)
     if image is not None:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from tinylmm.api import convert_checkpoint
+
 
 class Source(str, Enum):
     tinyllava = "tinyllava"
@@ -21,8 +23,6 @@ def convert(
     """Import another framework's checkpoint as a tinylmm checkpoint that `tinylmm chat`,
     `eval` and `tinylmm.load` read."""
     from rich.console import Console
-
-    from tinylmm.api import convert_checkpoint
 
     path, notes = convert_checkpoint(src, out, source=source.value, tokenizer=tokenizer, template=template)
     console = Console()

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from tinylmm.errors import ConfigError, DataError, TemplateError
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from tinylmm.errors import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, FileExistsError]
-    try:
-        from tinylmm.data.llava import DataError
-        from tinylmm.data.templates import TemplateError
-
-        errors += [DataError, TemplateError]
-    except ImportError:  # pragma: no cover - the ML stack is missing; let it surface
-        pass
-    return tuple(errors)
+# what a user can fix: one red line, exit 2 (anything else is a bug and keeps its traceback)
+USER_ERRORS = (ConfigError, DataError, TemplateError, FileNotFoundError, FileExistsError)
 
 
 def run_cli(app) -> int:
@@ -35,7 +26,7 @@ def run_cli(app) -> int:
             return e.exit_code
         if isinstance(e, click.exceptions.Abort):
             return 1
-        if isinstance(e, _user_errors()):
+        if isinstance(e, USER_ERRORS):
             from rich.markup import escape  # messages quote brackets: pip install 'tinylmm[openclip]'
 
             Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)

@@ -5,6 +5,9 @@ from typing import Optional
 
 import typer
 
+from tinylmm.api import evaluate_checkpoint
+from tinylmm.train.progress import Reporter
+
 
 def evaluate(
     model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
@@ -17,9 +20,6 @@ def evaluate(
 ):
     """Evaluate a checkpoint on a benchmark and write the scores as JSON."""
     from rich.console import Console
-
-    from tinylmm.api import evaluate_checkpoint
-    from tinylmm.train.progress import Reporter
 
     result, path = evaluate_checkpoint(model_dir, bench, out=out, data=data, batch_size=batch_size)
     Reporter(Console(), True, Path("/dev/null")).eval_table(result)

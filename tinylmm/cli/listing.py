@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
+from tinylmm.api import copy_recipe, listing
+
 
 def ls(kind: str = typer.Argument("presets", help="presets | recipes | connectors | templates | benchmarks")):
     """List what is available by name."""
     from rich.console import Console
     from rich.table import Table
-
-    from tinylmm.api import listing
 
     rows = listing(kind)
     table = Table(title=kind)
@@ -30,8 +30,6 @@ def cp(
 ):
     """Copy a shipped recipe to edit it, then run it with `tinylmm train --recipe FILE`."""
     from rich.console import Console
-
-    from tinylmm.api import copy_recipe
 
     path = copy_recipe(recipe, dest)
     Console().print(f"copied recipe '{recipe}' to {path}; run it with: tinylmm train --recipe {path}")

@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from tinylmm.api import merge_checkpoint
+
 
 def merge(
     model_dir: Path = typer.Argument(..., help="a checkpoint with LoRA/QLoRA adapters, e.g. runs/x/final"),
@@ -22,8 +24,6 @@ def merge(
 ):
     """Fold the adapters into the weights: a self-contained, full-precision checkpoint."""
     from rich.console import Console
-
-    from tinylmm.api import merge_checkpoint
 
     path = merge_checkpoint(model_dir, out, full_precision_base=full_precision_base)
     Console().print(f'merged model: [bold]{path}[/bold]   try: tinylmm chat {path} --image IMG "question"')

@@ -5,7 +5,9 @@ from typing import Optional
 
 import typer
 
+from tinylmm import api
 from tinylmm.cli.zoo import ZOO_HELP
+from tinylmm.sizes import fmt_bytes
 
 
 def plan(
@@ -43,9 +45,6 @@ def plan(
     import json
 
     from rich.console import Console
-
-    from tinylmm import api
-    from tinylmm.memory import fmt_bytes
 
     api.register_zoo(zoo_file)
     result = api.plan(

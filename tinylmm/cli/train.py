@@ -5,6 +5,7 @@ from typing import Optional
 
 import typer
 
+from tinylmm import api
 from tinylmm.cli.zoo import ZOO_HELP
 
 
@@ -37,8 +38,6 @@ def train(
 ):
     """Train a model through every stage of a recipe (default: toy preset, shapes data, share recipe)."""
     from rich.console import Console
-
-    from tinylmm import api
 
     api.register_zoo(zoo_file)
     console = Console(stderr=True)

@@ -7,6 +7,10 @@ from typing import Optional
 
 import typer
 
+from tinylmm import api
+from tinylmm.catalog.zoo import parse_count
+from tinylmm.sizes import fmt_bytes, parse_size
+
 app = typer.Typer(help="The model zoo: list the presets, show one in full.", no_args_is_help=True)
 
 ZOO_HELP = "a YAML file of your own presets (model_zoo.yaml's schema), added to the shipped ones"
@@ -44,9 +48,6 @@ def ls(
 
     from rich.console import Console
     from rich.table import Table
-
-    from tinylmm import api
-    from tinylmm.catalog.zoo import parse_count
 
     api.register_zoo(zoo_file)
     rows = api.zoo_select(
@@ -107,9 +108,6 @@ def show(
     import yaml
     from rich.console import Console
     from rich.table import Table
-
-    from tinylmm import api
-    from tinylmm.memory import fmt_bytes, parse_size
 
     api.register_zoo(zoo_file)
     d = api.zoo_describe(name, parse_size(budget))

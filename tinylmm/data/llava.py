@@ -20,12 +20,9 @@ from torch.utils.data import Dataset
 
 from tinylmm.data.processor import Encoded, Processor, SampleError, collate
 from tinylmm.data.templates import ChatTemplate, Template, tokenizer_name
+from tinylmm.errors import DataError
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass

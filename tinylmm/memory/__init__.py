@@ -38,8 +38,8 @@ from tinylmm.memory.plan import (
     plan_run,
     resolve_plan_precision,
 )
-from tinylmm.memory.sizes import GiB, MiB, fmt_bytes, parse_size
 from tinylmm.memory.storage import Storage, stage_storage
+from tinylmm.sizes import GiB, MiB, fmt_bytes, parse_size
 
 __all__ = [
     "ALLOCATOR_SLACK",

@@ -50,10 +50,6 @@ class MetaModel:
         return self.model.llm.config
 
     @property
-    def vision_config(self):
-        return self.model.vision.config
-
-    @property
     def num_image_tokens(self) -> int:  # visual tokens per image in the LLM sequence
         return self.model.num_image_tokens
 

@@ -10,9 +10,9 @@ from tinylmm.errors import ConfigError
 from tinylmm.memory.activations import Activations, stage_activations
 from tinylmm.memory.arch import build_meta
 from tinylmm.memory.components import component_state
-from tinylmm.memory.sizes import GiB, MiB, fmt_bytes
 from tinylmm.memory.storage import Storage, stage_storage
 from tinylmm.schema import COMPONENTS, RunConfig
+from tinylmm.sizes import GiB, MiB, fmt_bytes
 
 DEFAULT_BUDGET = 24 * GiB
 

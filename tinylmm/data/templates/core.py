@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from tinylmm.errors import TemplateError, TemplateMismatch
 from tinylmm.registry import Registry
 
 IMAGE_TOKEN = "<image>"
@@ -34,14 +35,6 @@ TINYLLAVA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-
-
-class TemplateError(ValueError):
-    pass
-
-
-class TemplateMismatch(TemplateError):
-    """The template cannot locate a sample's answers (e.g. the chat template rewrites them)."""
 
 
 def tokenizer_name(tokenizer) -> str:

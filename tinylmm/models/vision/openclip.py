@@ -107,8 +107,6 @@ class OpenCLIPConfig:
     preprocess: dict  # open_clip's PreprocessCfg fields (PREPROCESS_KEYS); size: the tower's
     pretrained: str | None = None  # where the weights first came from (for the record)
 
-    model_type = "open_clip"  # not a field: tells the tower families apart, like transformers' configs
-
     @classmethod
     def of(cls, name: str, cfg: dict, preprocess: dict, pretrained: str | None = None) -> OpenCLIPConfig:
         """From open_clip's model config `cfg` of `name` (layers: set when the tower is cut)."""
