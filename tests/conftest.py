@@ -49,6 +49,19 @@ def supervised_runs(ids, labels):
     return runs + [cur] if cur else runs
 
 
+def model_inputs(processor, encoded, image) -> dict:
+    """The forward's keyword arguments for one encoded sample (`processor.encode`) and its image."""
+    import torch
+
+    ids = torch.tensor([encoded.input_ids])
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=torch.tensor([encoded.labels]),
+        pixel_values=processor.image_processor(image)[None],
+    )
+
+
 def require_openclip():
     """open_clip for the open_clip tests, or a skip of them saying why. CI runs with
     TINYLMM_REQUIRE_OPENCLIP=1 (.ci/run): there a missing open_clip fails the run."""

@@ -15,7 +15,7 @@ from tinylmm.train.loop import train
 from tinylmm.train.stages import prepare_stage
 from tinylmm.trainability import param_groups, rates
 
-from conftest import TINY, tiny_stages
+from conftest import TINY, model_inputs, tiny_stages
 
 bnb = pytest.importorskip("bitsandbytes")
 LORA = ["lora.r=8", "lora.alpha=16"]
@@ -40,11 +40,7 @@ def prepared(tmp_path, stage="share", **kw):
 
 def batch(processor):
     enc = processor.encode([("human", "<image>\nWhat color is the circle?"), ("gpt", "red")], num_images=1)
-    ids = torch.tensor([enc.input_ids])
-    pixels = processor.image_processor(Image.new("RGB", (32, 32), (200, 20, 20)))[None]
-    return dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=torch.tensor([enc.labels])
-    )
+    return model_inputs(processor, enc, Image.new("RGB", (32, 32), (200, 20, 20)))
 
 
 def test_qlora_quantizes_the_llm_decoder_only(tmp_path):

@@ -9,6 +9,8 @@ from tinylmm.models.connectors import CONNECTORS, build_connector
 from tinylmm.models.loading import ModelNotFoundError
 from tinylmm.models.vision import build_vision
 
+from conftest import model_inputs
+
 TOK = "builtin:toy"
 LLMS = {
     "llama": dict(model_type="llama", num_key_value_heads=2),
@@ -117,13 +119,7 @@ def test_dinov2_every_parameter_gets_a_gradient_and_the_tower_saves_and_loads(tm
     assert proc.image_processor.image_mean == [0.485, 0.456, 0.406]  # ImageNet's
     img = Image.new("RGB", (40, 30), (200, 10, 10))
     enc = proc.encode([("human", "<image>\nWhat color?"), ("gpt", "red")], num_images=1)
-    ids = torch.tensor([enc.input_ids])
-    model(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=torch.tensor([enc.labels]),
-        pixel_values=proc.image_processor(img)[None],
-    ).loss.backward()
+    model(**model_inputs(proc, enc, img)).loss.backward()
     # cls_token, the position embeddings (through their interpolation), the layer scales: no
     # parameter of the tower idles (DDP's unused-parameter rule)
     idle = [n for n, p in model.vision.named_parameters() if p.grad is None or not p.grad.abs().sum()]
@@ -183,13 +179,7 @@ def test_forward_backward_generate_save_load(llm, connector, tmp_path):
     ]
     enc = proc.encode(turns, num_images=1)
     assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens
-    ids = torch.tensor([enc.input_ids])
-    batch = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=torch.tensor([enc.labels]),
-        pixel_values=proc.image_processor(img)[None],
-    )
+    batch = model_inputs(proc, enc, img)
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -12,6 +12,7 @@ from tinylmm.models import build_model
 from tinylmm.models.loading import ModelNotFoundError
 
 from conftest import TINY, tiny_stages
+from test_models import SIGLIP
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,9 @@ def local_parts(tmp_path_factory):
     )
     llm.save_pretrained(root / "llm")
     AutoTokenizer.from_pretrained(str(asset("toy-tokenizer"))).save_pretrained(root / "llm")
-    SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(root / "vision")
+    SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in SIGLIP.items() if k != "model_type"})).save_pretrained(
+        root / "vision"
+    )
     return root, llm
 
 

@@ -16,6 +16,9 @@ from conftest import require_openclip
 
 open_clip = require_openclip()
 
+from test_memory import LLAMA_MID as MID  # noqa: E402
+from test_memory import SIGLIP_MID  # noqa: E402
+
 from tinylmm import memory as mem  # noqa: E402
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec, resolve  # noqa: E402
 from tinylmm.data.processor import ImageProcessor  # noqa: E402
@@ -378,19 +381,6 @@ def test_the_planner_refuses_blocks_it_does_not_know(name, block):
     )
     with pytest.raises(ConfigError, match=f"does not know the layer layout of {block}"):
         mem.plan_run(cfg)
-
-
-MID = (
-    "model.llm.config={model_type: llama, vocab_size: 4096, hidden_size: 512, intermediate_size: 1376, "
-    "num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024, "
-    "tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}"
-)
-
-
-SIGLIP_MID = (
-    "model.vision.config={model_type: siglip_vision_model, hidden_size: 384, intermediate_size: 1536, "
-    "num_hidden_layers: 4, num_attention_heads: 6, image_size: 112, patch_size: 16}"
-)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from tinylmm.data.templates import (
 )
 from tinylmm.models.generation import CallbackStreamer, chat_reply, generate_batch
 
-from conftest import supervised_runs
+from conftest import model_inputs, supervised_runs
 from tiny_tokenizers import FAMILIES, KINDS, QWEN25_SYSTEM, SMOLLM2_SYSTEM, family_tokenizer, make_tokenizer
 
 IMAGES = ImageProcessor(size=8, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -371,13 +371,7 @@ def test_auto_through_build_train_generate_save_load(tmp_path):
     assert isinstance(proc.template, ChatTemplate) and proc.template.eos == "<|im_end|>"
     image = Image.new("RGB", (32, 32), (200, 10, 10))
     sample = proc.encode(CONV, num_images=1)
-    ids = torch.tensor([sample.input_ids])
-    out = model(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=torch.tensor([sample.labels]),
-        pixel_values=proc.image_processor(image)[None],
-    )
+    out = model(**model_inputs(proc, sample, image))
     assert torch.isfinite(out.loss) and out.num_tokens == sum(1 for x in sample.labels[1:] if x != IGNORE_INDEX)
     assert len(generate_batch(model.eval(), proc, [CONV[:1]], [[image]], max_new_tokens=2)) == 1
     model.save(tmp_path / "ck", proc)

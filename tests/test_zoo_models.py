@@ -12,7 +12,7 @@ from tinylmm.models.generation import chat_reply
 from tinylmm.models.llm import supports_attention
 from tinylmm.models.vision.openclip import build_openclip
 
-from conftest import is_openclip, require_openclip
+from conftest import is_openclip, model_inputs, require_openclip
 from tiny_presets import tiny_spec
 from tiny_tokenizers import FAMILIES, family_tokenizer, model_token_ids
 
@@ -73,13 +73,7 @@ def test_preset_trains_and_generates_as_a_tiny_model(name):
     image = Image.new("RGB", (48, 40), (220, 30, 30))
     enc = proc.encode(TURNS, num_images=1)
     assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens
-    ids = torch.tensor([enc.input_ids])
-    out = model(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=torch.tensor([enc.labels]),
-        pixel_values=proc.image_processor(image)[None],
-    )
+    out = model(**model_inputs(proc, enc, image))
     assert torch.isfinite(out.loss) and out.num_tokens > 0
     out.loss.backward()
     for part in (model.connector, model.llm, model.vision):
