@@ -13,7 +13,7 @@ import time
 import torch
 
 from tinylmm.config import resolve
-from tinylmm.models import build_model
+from tinylmm.models.assemble import build_model
 
 
 def main():

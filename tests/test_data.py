@@ -9,7 +9,7 @@ from PIL import Image
 from tinylmm.data.llava import DataError, LlavaDataset
 from tinylmm.data.processor import ImageProcessor, SampleError
 from tinylmm.data.templates import IGNORE_INDEX, get_template
-from tinylmm.models import build_model
+from tinylmm.models.assemble import build_model
 
 from conftest import supervised_runs
 from test_models import spec

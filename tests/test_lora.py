@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from tinylmm.config import ConfigError, resolve
-from tinylmm.models import build_model, load
+from tinylmm.models.assemble import build_model, load
 from tinylmm.train.loop import train
 from tinylmm.train.stages import prepare_stage
 from tinylmm.trainability import param_groups, rates

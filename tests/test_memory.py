@@ -273,7 +273,7 @@ def test_lora_and_qlora_llm_storage_matches_tensor_bytes(mode, optimizer, tiny_l
 
 
 def test_trainability_mirrors_the_training_plan():
-    from tinylmm.models import build_model
+    from tinylmm.models.assemble import build_model
     from tinylmm.trainability import apply as apply_plan
 
     for overrides, stage in [

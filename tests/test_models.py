@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
-from tinylmm.models import build_model, load
+from tinylmm.models.assemble import build_model, load
 from tinylmm.models.connectors import CONNECTORS, build_connector
 from tinylmm.models.loading import ModelNotFoundError
 from tinylmm.models.vision import build_vision

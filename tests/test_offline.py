@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinylmm.config import ConfigError, resolve
-from tinylmm.models import build_model
+from tinylmm.models.assemble import build_model
 from tinylmm.models.loading import ModelNotFoundError
 
 from conftest import TINY, tiny_stages

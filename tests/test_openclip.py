@@ -22,7 +22,7 @@ from test_memory import SIGLIP_MID  # noqa: E402
 from tinylmm import memory as mem  # noqa: E402
 from tinylmm.config import ConfigError, ConnectorSpec, LLMSpec, ModelSpec, VisionSpec, resolve  # noqa: E402
 from tinylmm.data.processor import ImageProcessor  # noqa: E402
-from tinylmm.models import build_model, load  # noqa: E402
+from tinylmm.models.assemble import build_model, load  # noqa: E402
 from tinylmm.models.loading import ModelNotFoundError  # noqa: E402
 from tinylmm.models.vision.openclip import OpenCLIPTower, build_openclip, visual_parameter_count  # noqa: E402
 from tinylmm.train import measure  # noqa: E402

@@ -348,7 +348,7 @@ def test_every_kind_builds_small_and_fast(tmp_path):
 
 def test_auto_through_build_train_generate_save_load(tmp_path):
     from tinylmm.config import LLMSpec, ModelSpec, VisionSpec
-    from tinylmm.models import build_model, load
+    from tinylmm.models.assemble import build_model, load
 
     from test_models import SIGLIP
     from tiny_tokenizers import model_token_ids

@@ -3,7 +3,7 @@
 import torch
 
 from tinylmm.config import StageConfig
-from tinylmm.models import build_model
+from tinylmm.models.assemble import build_model
 from tinylmm.trainability import apply as apply_plan
 from tinylmm.trainability import param_groups
 

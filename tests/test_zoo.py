@@ -237,7 +237,7 @@ SMALL_TOWER = (
     ],
 )
 def test_planner_matches_torch_on_qwen3_and_gemma2(family, stage, precision, tmp_path):
-    from tinylmm.models import build_model
+    from tinylmm.models.assemble import build_model
     from tinylmm.train.stages import prepare_stage
 
     cfg, _ = resolve(

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from tinylmm.catalog import zoo
-from tinylmm.models import build_model
 from tinylmm.models.arch import arch_config
+from tinylmm.models.assemble import build_model
 from tinylmm.models.generation import chat_reply
 from tinylmm.models.llm import supports_attention
 from tinylmm.models.vision.openclip import build_openclip

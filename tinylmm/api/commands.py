@@ -63,18 +63,20 @@ def train_run(
     """`tinylmm train`: resolve the config (or reload a saved one) and train. Returns a
     `RunResult`. `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe
     trains it; `llm` / `vision` load that part from a local directory (or another hub id)."""
-    from tinylmm.train.loop import train
-
     if resume is not None:
         if config is not None or overrides or tune is not None or llm is not None or vision is not None:
             raise ConfigError(
                 "--resume continues a run with its saved config; drop --config, --tune, --llm, --vision and overrides"
             )
+        from tinylmm.train.loop import train
+
         return train(resume_dir=resume, console=console, evaluate=evaluate)
     cfg, sources = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
         sources["output_dir"] = "cli"
+    from tinylmm.train.loop import train  # after the config: a bad key is reported without loading torch's stack
+
     return train(cfg, sources, console=console, evaluate=evaluate)
 
 
@@ -111,7 +113,7 @@ def load(path, **kwargs):
     """A checkpoint directory -> (model, processor): a tinylmm checkpoint, or a
     TinyLLaVA_Factory model directory (converted in memory)."""
     from tinylmm.convert import tinyllava
-    from tinylmm.models import load as load_checkpoint
+    from tinylmm.models.assemble import load as load_checkpoint
     from tinylmm.models.checkpoint import is_checkpoint
 
     if not is_checkpoint(path) and tinyllava.is_tinyllava_dir(path):
@@ -125,7 +127,7 @@ def build(preset: str = "toy", overrides=(), **kwargs):
     `model.` prefix (`connector.type=linear`, `model.vision.feature_layer=-1`). `kwargs` go
     to tinylmm.models.build_model (dtype, attn_implementation ...)."""
     from tinylmm.config import resolve
-    from tinylmm.models import build_model
+    from tinylmm.models.assemble import build_model
 
     zoo.get(preset)  # an unknown name fails here, with a suggestion
     keys = [o if o.split("=", 1)[0].strip().startswith("model.") else f"model.{o}" for o in overrides]

@@ -42,7 +42,7 @@ from tinylmm.errors import ConfigError
 from tinylmm.files import write_atomically
 from tinylmm.models.assemble import assemble
 from tinylmm.models.loading import from_pretrained_or_fail, quiet_libraries
-from tinylmm.models.vision.hf import CLASSES, FAMILY_MEAN_STD, VisionTower
+from tinylmm.models.vision.hf import FAMILY_MEAN_STD, VisionTower, classes
 from tinylmm.schema import ConnectorSpec, LLMSpec, ModelSpec, VisionSpec
 
 # TinyLlavaConfig's own keys (tinyllava/model/configuration_tinyllava.py) and the keys any
@@ -183,7 +183,7 @@ def vision_model(cfg: dict, dtype, attn_implementation: str):
             f"config.json: vision_config.model_type={model_type!r} is not supported by the "
             f"import (supported: {', '.join(VISION_TYPES)})"
         )
-    config_cls, model_cls = CLASSES[model_type]
+    config_cls, model_cls = classes()[model_type]
     config = config_cls(**sub)
     config._attn_implementation = attn_implementation
     return model_cls(config).to(dtype)

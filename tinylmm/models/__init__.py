@@ -1,8 +1,6 @@
 """The model: vision tower -> connector -> LLM (lmm.py), put together in one place
-(assemble.py) and saved in one format (checkpoint.py). Connectors and vision backends are
-registries (connectors/, vision/)."""
+(assemble.py: `assemble`, `build_model`, `load`) and saved in one format (checkpoint.py).
+Connectors and vision backends are registries (connectors/, vision/).
 
-from tinylmm.models.assemble import assemble, build_model, image_processor_for, load
-from tinylmm.models.lmm import LMMOutput, TinyLMM
-
-__all__ = ["LMMOutput", "TinyLMM", "assemble", "build_model", "image_processor_for", "load"]
+Nothing is imported here, so that asking one registry (config validation asks the
+connectors) does not load every model class: import from the modules."""

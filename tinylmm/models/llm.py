@@ -6,7 +6,6 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tinylmm.errors import ConfigError
 from tinylmm.models.loading import from_pretrained_or_fail
@@ -16,12 +15,17 @@ from tinylmm.schema import LLMSpec
 # keys of a saved config.json that are no architecture setting
 NOT_CONFIG = ("architectures", "transformers_version", "_name_or_path", "auto_map")
 
+# transformers' model code is imported where a model is built, not with this module: config
+# validation reaches it (through the vision backends) and must stay fast for the CLI.
+
 log = logging.getLogger(__name__)
 
 
 def supports_attention(config, implementation: str) -> bool:
     """Whether the causal LM class of `config` has this attention path (Gemma-2 has no sdpa:
     sdpa cannot soft-cap attention scores)."""
+    from transformers import AutoModelForCausalLM
+
     model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(implementation)
     return model_cls is None or flag is None or bool(getattr(model_cls, flag, False))
@@ -42,6 +46,8 @@ def config_from_dict(data: dict):
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ConfigError("model.llm.config needs a 'model_type' (llama, stablelm, phi, qwen2 ...)")
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as e:
@@ -50,6 +56,8 @@ def config_from_dict(data: dict):
 
 def from_config(cfg, *, dtype=None, attn_implementation: str = "sdpa", device=None) -> nn.Module:
     """A causal LM of `cfg`, randomly initialised (on `device`: `meta` builds shapes only)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device(device or "cpu"):
         return AutoModelForCausalLM.from_config(
             cfg, dtype=dtype, attn_implementation=attention_for(cfg, attn_implementation)
@@ -60,6 +68,8 @@ def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -
     if spec.config is not None:
         return from_config(config_from_dict(spec.config), dtype=dtype, attn_implementation=attn_implementation)
     if spec.name_or_path:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model")
         return from_pretrained_or_fail(
             AutoModelForCausalLM,
@@ -80,6 +90,8 @@ def build_tokenizer(spec: LLMSpec):
         if not path.exists():
             raise ConfigError(f"model.llm.tokenizer: no built-in tokenizer '{source}'")
         source = str(path)
+    from transformers import AutoTokenizer
+
     return from_pretrained_or_fail(AutoTokenizer, source, "tokenizer")
 
 

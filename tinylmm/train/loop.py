@@ -25,7 +25,7 @@ from tinylmm.errors import ConfigError
 from tinylmm.eval import BENCHMARKS
 from tinylmm.files import write_atomically
 from tinylmm.memory import fmt_bytes, plan_run
-from tinylmm.models import build_model
+from tinylmm.models.assemble import build_model
 from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig

@@ -17,7 +17,8 @@ from torch import nn
 
 from tinylmm import trainability
 from tinylmm.memory.plan import resolve_plan_precision
-from tinylmm.models import adapters, build_model
+from tinylmm.models import adapters
+from tinylmm.models.assemble import build_model
 from tinylmm.models.llm import decoder_layers
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.runtime import enable_checkpointing

@@ -17,19 +17,11 @@ size (224: 16 x 16 patches, as LLaVA-style use and DINOv2's own 224 px evaluatio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    Dinov2Config,
-    Dinov2Model,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
 
 from tinylmm.data.processor import ImageProcessor
 from tinylmm.errors import ConfigError, unknown
@@ -52,20 +44,37 @@ FAMILY_MEAN_STD = {
 RESIZABLE = ("dinov2",)
 
 
-# model_type -> (config class, model class)
-CLASSES = {
-    "siglip_vision_model": (SiglipVisionConfig, SiglipVisionModel),
-    "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
-    "dinov2": (Dinov2Config, Dinov2Model),
-}
+VISION_TYPES = ("siglip_vision_model", "clip_vision_model", "dinov2")
+
+
+@functools.cache
+def classes() -> dict:
+    """model_type -> (config class, model class). transformers' model code is imported on
+    first use: validating a config asks this backend and must stay fast for the CLI."""
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    return {
+        "siglip_vision_model": (SiglipVisionConfig, SiglipVisionModel),
+        "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
+        "dinov2": (Dinov2Config, Dinov2Model),
+    }
+
+
 NOT_CONFIG = ("architectures", "transformers_version", "_name_or_path", "auto_map")
 
 
 def config_from_dict(config: dict, attn_implementation: str = "sdpa"):
     model_type = config.get("model_type")
-    if model_type not in CLASSES:
-        raise unknown("vision model_type", str(model_type), CLASSES)
-    cfg = CLASSES[model_type][0](**{k: v for k, v in config.items() if k != "model_type" and k not in NOT_CONFIG})
+    if model_type not in VISION_TYPES:
+        raise unknown("vision model_type", str(model_type), VISION_TYPES)
+    cfg = classes()[model_type][0](**{k: v for k, v in config.items() if k != "model_type" and k not in NOT_CONFIG})
     cfg._attn_implementation = attn_implementation
     return cfg
 
@@ -235,7 +244,7 @@ def image_mean_std(spec: VisionSpec, model_type: str):
 
 def _model(cfg, device=None, dtype=None) -> nn.Module:
     with torch.device(device or "cpu"):
-        model = CLASSES[cfg.model_type][1](cfg)
+        model = classes()[cfg.model_type][1](cfg)
     return model if dtype is None else model.to(dtype)
 
 
@@ -259,12 +268,14 @@ class TransformersBackend:
         if spec.config is not None:
             model = _model(config_from_dict(spec.config, attn_implementation), device, dtype)
         elif spec.name_or_path:
+            from transformers import AutoConfig
+
             cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "vision tower")
             cfg = getattr(cfg, "vision_config", cfg)  # a full CLIP/SigLIP checkpoint holds both towers
-            if cfg.model_type not in CLASSES:
-                raise unknown("vision model_type", cfg.model_type, CLASSES)
+            if cfg.model_type not in VISION_TYPES:
+                raise unknown("vision model_type", cfg.model_type, VISION_TYPES)
             model = from_pretrained_or_fail(
-                CLASSES[cfg.model_type][1],
+                classes()[cfg.model_type][1],
                 spec.name_or_path,
                 "vision tower",
                 dtype=dtype,
@@ -276,6 +287,8 @@ class TransformersBackend:
 
     @staticmethod
     def load(directory, spec: VisionSpec, attn_implementation: str = "sdpa") -> VisionTower:
+        from transformers import AutoConfig
+
         cfg = AutoConfig.from_pretrained(str(directory))
         cfg._attn_implementation = attn_implementation
         return VisionTower(_model(cfg), spec)
