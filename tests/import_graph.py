@@ -11,6 +11,7 @@ asks for them (the CLI and the package root).
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -67,7 +69,8 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
     return None
 
 
-def edges() -> list[Edge]:
+@functools.cache
+def _edges() -> tuple[Edge, ...]:
     known = modules()
     out = []
     for mod, path in known.items():
@@ -90,7 +93,12 @@ def edges() -> list[Edge]:
                 target = _resolve(name, known)
                 if target is not None and target != mod:
                     out.append(Edge(mod, target, node.lineno, deferred))
-    return list(dict.fromkeys(out))  # `from x import a, b` is one import of x
+    return tuple(dict.fromkeys(out))  # `from x import a, b` is one import of x
+
+
+def edges() -> list[Edge]:
+    """Every internal import: (importing module, imported module, line, inside a function?)."""
+    return list(_edges())
 
 
 def _imports(tree: ast.AST):

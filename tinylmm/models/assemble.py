@@ -10,6 +10,7 @@ between the two.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def assemble(
         elif n_tok > rows:
             llm.resize_token_embeddings(n_tok, mean_resizing=False)
             notes.append(f"embedding grown {rows:,} -> {n_tok:,} rows for <image> ({source})")
-    with torch.device("meta" if on_meta else "cpu"):
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
         connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)
     if dtype is not None:
         connector.to(dtype)

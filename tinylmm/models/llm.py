@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -58,7 +59,7 @@ def from_config(cfg, *, dtype=None, attn_implementation: str = "sdpa", device=No
     """A causal LM of `cfg`, randomly initialised (on `device`: `meta` builds shapes only)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device(device or "cpu"):
+    with contextlib.nullcontext() if device is None else torch.device(device):  # None: the caller's device
         return AutoModelForCausalLM.from_config(
             cfg, dtype=dtype, attn_implementation=attention_for(cfg, attn_implementation)
         )

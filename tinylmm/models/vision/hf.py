@@ -16,6 +16,7 @@ size (224: 16 x 16 patches, as LLaVA-style use and DINOv2's own 224 px evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -243,7 +244,7 @@ def image_mean_std(spec: VisionSpec, model_type: str):
 
 
 def _model(cfg, device=None, dtype=None) -> nn.Module:
-    with torch.device(device or "cpu"):
+    with contextlib.nullcontext() if device is None else torch.device(device):  # None: the caller's device
         model = classes()[cfg.model_type][1](cfg)
     return model if dtype is None else model.to(dtype)
 

@@ -24,6 +24,7 @@ config, the depth it keeps, the preprocessing); its weights are in model.safeten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -406,7 +407,7 @@ def _load_visual_state(visual: nn.Module, file: Path) -> None:
 def _visual(config: OpenCLIPConfig, device=None) -> nn.Module:
     from open_clip.model import _build_vision_tower  # the image tower alone (CLIP builds both)
 
-    with torch.device(device or "cpu"):
+    with contextlib.nullcontext() if device is None else torch.device(device):  # None: the caller's device
         return _build_vision_tower(config.embed_dim, dict(config.vision_cfg), config.quick_gelu)
 
 
