@@ -24,18 +24,15 @@ def evaluate_shapes(
     model,
     processor,
     shapes_root: Path,
-    cfg=None,
     *,
     out: Path | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
 ) -> dict:
     eval_json = Path(shapes_root) / "eval.json"
     if not eval_json.exists():
         raise FileNotFoundError(f"no shapes eval split at '{eval_json}'")
     samples = json.loads(eval_json.read_text())
-    batch_size = batch_size or (cfg.eval.batch_size if cfg else 32)
-    max_new_tokens = max_new_tokens or (cfg.eval.max_new_tokens if cfg else 8)
     records = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]

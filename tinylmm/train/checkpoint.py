@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylmm.files import write_atomically  # noqa: F401 - the loop writes checkpoints through it
-
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 

@@ -180,10 +180,11 @@ def train(
         if evaluate and cfg.eval.bench:
             model.eval()
             for bench in cfg.eval.bench:  # the first one's summary is the run's result
-                summary = BENCHMARKS.get(bench, "eval.bench").evaluate(
+                benchmark = BENCHMARKS.get(bench, "eval.bench")
+                summary = benchmark.evaluate(
                     model,
                     processor,
-                    BENCHMARKS.get(bench).data_for(run_dir / "final", processor),
+                    benchmark.data_for(run_dir / "final", processor),
                     out=run_dir / "eval" / f"{bench}.json",
                     batch_size=cfg.eval.batch_size,
                     max_new_tokens=cfg.eval.max_new_tokens,

@@ -27,6 +27,7 @@ from torch import nn
 from tinylmm.data.processor import ImageProcessor
 from tinylmm.errors import ConfigError, unknown
 from tinylmm.models.arch import arch_config, vision_part
+from tinylmm.models.llm import NOT_CONFIG
 from tinylmm.models.loading import from_pretrained_or_fail
 from tinylmm.models.vision.base import VISION_BACKENDS
 from tinylmm.schema import VisionSpec
@@ -66,9 +67,6 @@ def classes() -> dict:
         "clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
         "dinov2": (Dinov2Config, Dinov2Model),
     }
-
-
-NOT_CONFIG = ("architectures", "transformers_version", "_name_or_path", "auto_map")
 
 
 def config_from_dict(config: dict, attn_implementation: str = "sdpa"):
