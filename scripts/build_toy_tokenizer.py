@@ -1,4 +1,4 @@
-"""Build the toy preset's tokenizer: `tinylmm/assets/toy-tokenizer` (`builtin:toy`).
+"""Build the toy preset's tokenizer (`builtin:toy`); scripts/pretrain_toy.py saves it with the toy LLM.
 
 A 512-token byte-level BPE trained on the `shapes` text and the TinyLLaVA chat template, so
 the toy model's sequences are short; the byte alphabet keeps any text encodable. Special
@@ -25,7 +25,7 @@ from tinylmm.data.templates import TINYLLAVA_SYSTEM  # noqa: E402
 VOCAB_SIZE = 512
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, in this order
 TEMPLATE_TEXT = TINYLLAVA_SYSTEM + " USER: ASSISTANT:"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tinylmm" / "assets" / "toy-tokenizer"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tinylmm" / "assets" / "toy" / "llm"
 
 
 def texts():

@@ -7,20 +7,19 @@ import pytest  # noqa: E402
 
 # A model and schedule small enough for end-to-end tests on a 2-core CPU (seconds).
 TINY = [
-    "model.llm.config.hidden_size=64",
-    "model.llm.config.intermediate_size=128",
-    "model.llm.config.num_hidden_layers=2",
-    "model.llm.config.num_attention_heads=2",
-    "model.llm.config.num_key_value_heads=2",
-    "model.vision.config.hidden_size=32",
-    "model.vision.config.intermediate_size=64",
-    "model.vision.config.num_hidden_layers=3",
-    "model.vision.config.num_attention_heads=2",
-    "model.vision.config.image_size=32",
-    "model.vision.config.patch_size=8",
+    # random-init stand-ins of the toy's pretrained parts (builtin:toy-llm, builtin:toy-siglip)
+    "model.llm.name_or_path=null",
+    "model.llm.tokenizer=builtin:toy",
+    "model.llm.config={model_type: llama, vocab_size: 512, hidden_size: 64, intermediate_size: 128,"
+    " num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 512,"
+    " tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}",
+    "model.vision.name_or_path=null",
+    "model.vision.config={model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64,"
+    " num_hidden_layers: 4, num_attention_heads: 2, image_size: 32, patch_size: 8}",
     "shapes.n_caption=48",
     "shapes.n_instruct=48",
     "shapes.n_eval=12",
+    "shapes.n_pope=1",
     "eval.bench=[]",
 ]
 

@@ -69,7 +69,7 @@ def test_load_gives_the_trained_model_and_its_processor(run):
     out, _ = run
     model, processor = api.load(out / "final")
     assert adapters.is_peft(model.llm)
-    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 2  # TINY: 3 layers, cut at -2
+    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 3  # TINY: 4 layers, cut at -2
     assert processor.num_image_tokens == model.num_image_tokens == 16  # (32 / 8) ** 2 patches
     with Image.open(eval_image(out)) as im:
         x = logits(model, processor, im.convert("RGB"))
@@ -117,12 +117,18 @@ def test_evaluate_checkpoint_returns_the_summary_and_writes_the_json(run, tmp_pa
         out / "final", out=tmp_path / "scores" / "r.json", batch_size=12, max_new_tokens=4
     )
     assert path == tmp_path / "scores" / "r.json"
-    assert set(summary) == {"bench", "n", "accuracy", "chance", "by_type"}
-    assert summary["bench"] == "shapes" and summary["n"] == 12  # the run's own eval split (shapes.n_eval=12)
-    assert set(summary["by_type"]) == {"color", "shape", "count", "position", "exist"}
+    assert set(summary) == {"bench", "n", "accuracy", "chance", "by_type", "pope"}
+    # the run's own eval split: shapes.n_eval=12 questions, and one POPE image (6 questions per split)
+    assert summary["bench"] == "shapes" and summary["n"] == 12 + 3 * 6
+    assert set(summary["by_type"]) == {"color", "shape", "count", "position", "relation", "exist"}
+    assert summary["by_type"]["exist"]["n"] == 18
     assert 0 <= summary["accuracy"] <= 1 and 0 < summary["chance"] < 1
+    assert list(summary["pope"]) == ["random", "popular", "adversarial"]
+    for split in summary["pope"].values():
+        assert set(split) == {"n", "accuracy", "precision", "recall", "f1", "yes_ratio"} and split["n"] == 6
     saved = json.loads(path.read_text())
-    assert {k: saved[k] for k in summary} == summary and len(saved["predictions"]) == 12
+    assert {k: saved[k] for k in summary} == summary and len(saved["predictions"]) == 30
+    assert sum("pope_split" in p for p in saved["predictions"]) == 18
     # without `out`: the run's eval/ folder (run/final is run/finetune/final)
     again, default = api.evaluate_checkpoint(out / "final", batch_size=12, max_new_tokens=4)
     assert default.resolve() == out.resolve() / "eval" / "shapes.json" and default.exists()
@@ -211,13 +217,13 @@ def test_plan_follows_the_recipe_and_the_budget():
 def test_build_gives_a_fresh_model_and_takes_model_overrides():
     model, processor = api.build("toy")
     assert isinstance(model.connector, CONNECTORS.get("mlp2x_gelu"))
-    assert processor.num_image_tokens == model.num_image_tokens == 4  # the toy: (64 / 32) ** 2
+    assert processor.num_image_tokens == model.num_image_tokens == 16  # the toy: (64 / 16) ** 2
     assert model.llm.config.hidden_size == 128
     linear, _ = api.build("toy", ["connector.type=linear"])
-    prefixed, _ = api.build("toy", ["model.connector.type=linear", "llm.config.num_hidden_layers=1"])
+    prefixed, _ = api.build("toy", ["model.connector.type=linear", "vision.feature_layer=-1"])
     assert isinstance(linear.connector, CONNECTORS.get("linear"))
     assert isinstance(prefixed.connector, CONNECTORS.get("linear"))
-    assert prefixed.llm.config.num_hidden_layers == 1 and linear.llm.config.num_hidden_layers == 4
+    assert len(prefixed.vision.layers) == 4 and len(linear.vision.layers) == 3  # cut at -2 unless told
     with pytest.raises(ConfigError, match="unknown preset 'tyo'.*did you mean 'toy'"):
         api.build("tyo")
 
@@ -318,7 +324,7 @@ def test_zoo_select_describe_and_counts():
     described = api.zoo_describe("toy", budget_bytes=16 * 2**30)
     stats = api.zoo.stats("toy")
     assert counts["params"] == described["params"]["total"] == stats.total == api.zoo.row("toy")["params"]
-    assert counts["visual_tokens"] == described["visual_tokens"] == stats.num_image_tokens == 4
+    assert counts["visual_tokens"] == described["visual_tokens"] == stats.num_image_tokens == 16
     assert described["name"] == "toy" and described["family"] == "toy"
     plan = described["plan"]
     assert plan["recipe"] == "share" and plan["budget"] == 16 * 2**30 and plan["fits"]

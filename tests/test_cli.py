@@ -103,6 +103,7 @@ def test_eval_writes_json(trained, tmp_path):
     out = tinylmm("eval", str(trained / "final"), "--bench", "shapes", "--out", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["n"] == 12 and len(result["predictions"]) == 12
-    assert set(result["by_type"]) == {"color", "shape", "count", "position", "exist"}
+    assert result["n"] == len(result["predictions"]) == 12 + 3 * 6  # and POPE's 3 splits of one image
+    assert set(result["by_type"]) == {"color", "shape", "count", "position", "relation", "exist"}
+    assert set(result["pope"]) == {"random", "popular", "adversarial"}
     assert 0 <= result["accuracy"] <= 1 and 0 < result["chance"] < 1

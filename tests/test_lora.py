@@ -157,8 +157,14 @@ def test_bf16_mixed_precision_stores_frozen_weights_in_bf16(tmp_path):
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.vision.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.connector.parameters()} == {torch.float32}  # trains: fp32 master copy
-    prepare_stage(model, cfg, "share", tmp_path / "run", half_dtype=torch.bfloat16)  # everything trains
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    prepare_stage(model, cfg, "share", tmp_path / "run", half_dtype=torch.bfloat16)  # the tower from layer 2 on
+    assert {p.dtype for p in model.llm.parameters()} | {p.dtype for p in model.connector.parameters()} == {
+        torch.float32
+    }
+    tower = {p.requires_grad: set() for p in model.vision.parameters()}
+    for p in model.vision.parameters():
+        tower[p.requires_grad].add(p.dtype)
+    assert tower == {True: {torch.float32}, False: {torch.bfloat16}}  # frozen layers stay half
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw"])

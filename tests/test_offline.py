@@ -39,7 +39,7 @@ def local_parts(tmp_path_factory):
         )
     )
     llm.save_pretrained(root / "llm")
-    AutoTokenizer.from_pretrained(str(asset("toy-tokenizer"))).save_pretrained(root / "llm")
+    AutoTokenizer.from_pretrained(str(asset("toy/llm"))).save_pretrained(root / "llm")
     SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in SIGLIP.items() if k != "model_type"})).save_pretrained(
         root / "vision"
     )
@@ -60,11 +60,11 @@ def test_llm_and_vision_flags_load_the_parts_from_directories(local_parts):
     assert model.vision.image_size == 32 and model.num_image_tokens == 16
 
 
-def test_flags_replace_an_inline_architecture(local_parts):
+def test_a_flag_replaces_one_part_and_keeps_the_other(local_parts):
     root, _ = local_parts
     cfg, _ = resolve("toy", "share", llm=str(root / "llm"))
-    assert cfg.model.llm.config is None  # the toy's random LLaMA gives way to the directory
-    assert cfg.model.vision.config is not None  # the part not named keeps the preset's
+    assert cfg.model.llm.name_or_path == str(root / "llm") and cfg.model.llm.config is None
+    assert cfg.model.vision.name_or_path == "builtin:toy-siglip"  # the part not named keeps the preset's
 
 
 def test_an_override_still_wins_over_a_flag(local_parts):

@@ -123,7 +123,11 @@ def test_unknown_names_and_bad_specs_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="pretrained names the weights of an open_clip tower"):
         resolve("toy", "share", ["model.vision.pretrained=webli"])
     with pytest.raises(ConfigError, match="not both"):
-        resolve("toy", "share", ["model.vision.name_or_path=open_clip:tinylmm-test-clip"])
+        resolve(
+            "toy",
+            "share",
+            ["model.vision.name_or_path=open_clip:tinylmm-test-clip", "model.vision.config={model_type: siglip}"],
+        )
 
 
 def test_without_open_clip_the_cli_says_what_to_install(monkeypatch, capsys):
@@ -432,6 +436,7 @@ def test_short_training_run_with_an_open_clip_tower(tmp_path):
         "model.vision.config=null",
         "model.vision.name_or_path=open_clip:tinylmm-test-clip",
         "train.gradient_checkpointing=true",
+        "stages.share.tune.vision=partial:1",  # its 3 layers, cut at -2
     ]
     llm = [o for o in TINY if not o.startswith("model.vision.")]
     result = train_run(overrides=llm + tower + tiny_stages(steps=2), output_dir=str(tmp_path / "run"), evaluate=False)

@@ -14,12 +14,13 @@ from tinylmm.train.loop import train
 
 from conftest import TINY, tiny_stages
 
-# Per-stage step losses of the tiny share run below, recorded with torch 2.13 on CPU, fp32.
+# Per-stage step losses of the tiny share run below, recorded with torch 2.14 on CPU, fp32
+# (the shapes world and the toy's schedule of issue 11).
 # A change here means training numerics changed: check it was intended, then update.
 EXPECTED = {
-    "pretrain": [6.2478, 6.2311, 6.2193],
-    "share": [6.2127, 5.9973, 5.8572],
-    "finetune": [6.1389, 6.0314, 5.9203],
+    "pretrain": [6.2603, 6.2455, 6.242],
+    "share": [6.2372, 6.0118, 5.8718],
+    "finetune": [6.0433, 5.8163, 5.6498],
 }
 
 
@@ -100,7 +101,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr
     assert losses_of(run) == losses_of(ref)
-    assert len(losses_of(run)) == 3 + 5 + 5  # the toy's pretrain is half an epoch: 24 of 48 captions
+    assert len(losses_of(run)) == 5 + 5 + 5
 
 
 @pytest.mark.slow

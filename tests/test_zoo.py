@@ -3,6 +3,7 @@ plans offline; the published parameter counts; listing, showing, registering a u
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from tinylmm.catalog import zoo
 from tinylmm.cli.app import app
 from tinylmm.config import ConfigError, resolve
 from tinylmm.models.arch import TOKENIZER_LEN
+from tinylmm.models.loading import resolve_location
 from tinylmm.train import measure
 
 from conftest import is_openclip, openclip_testable
@@ -93,10 +95,12 @@ def test_every_preset_is_complete_and_embedded():
         spec = p.model_spec()
         assert p.info.licence and p.info.commercial is not None and p.info.recommended, name
         for part in (spec.llm, spec.vision):
-            if part.config is None and not part.name_or_path.startswith("open_clip:"):
+            if part.config is None and part.name_or_path.startswith("builtin:"):  # shipped in the package
+                assert (Path(resolve_location(part.name_or_path)) / "config.json").exists(), name
+            elif part.config is None and not part.name_or_path.startswith("open_clip:"):
                 # a hub id: planning it offline needs its config (open_clip ships its own)
                 assert mem.arch_file(part.name_or_path).exists(), (name, part.name_or_path)
-        if spec.llm.config is None:
+        if spec.llm.config is None and not spec.llm.name_or_path.startswith("builtin:"):
             assert (spec.llm.tokenizer or spec.llm.name_or_path) in TOKENIZER_LEN, name
         assert spec.template in ("auto", "phi", "llama"), name
         if p.info.gated:  # the gated families, and only they
@@ -408,7 +412,7 @@ def test_build_gives_model_and_processor_with_overrides():
     model, processor = tinylmm.build("toy", ["connector.type=linear", "model.vision.feature_layer=-1"])
     assert type(model.connector).__name__.lower().startswith("linear")
     assert len(model.vision.layers) == 4  # feature layer -1 keeps every layer of the toy's tower
-    assert processor.num_image_tokens == model.num_image_tokens == 4
+    assert processor.num_image_tokens == model.num_image_tokens == 16
     with pytest.raises(ConfigError, match="did you mean 'toy'"):
         tinylmm.build("tyo")
 

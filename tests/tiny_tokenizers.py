@@ -321,7 +321,7 @@ def make_tokenizer(kind: str, directory: str | Path) -> Path:
     if kind == TOY:
         from tinylmm.resources import asset
 
-        shutil.copytree(asset("toy-tokenizer"), directory, dirs_exist_ok=True)
+        shutil.copytree(asset("toy/llm"), directory, dirs_exist_ok=True)
         return directory
     if kind not in KINDS:
         raise KeyError(f"unknown tokenizer kind '{kind}'; known: {', '.join([*KINDS, TOY])}")

@@ -24,6 +24,9 @@ class LLMSpec:
     tokenizer: str | None = None  # hub id / directory / "builtin:toy"; default: name_or_path
 
 
+BUILTIN_PREFIX = "builtin"  # `builtin:<name>`: a model shipped in tinylmm/assets/ (models/loading.py)
+
+
 @dataclass
 class VisionSpec:
     # hub id or local directory (transformers' CLIP / SigLIP / DINOv2), or open_clip:<model name>
@@ -49,9 +52,12 @@ class VisionSpec:
     @property
     def backend(self) -> str:
         """The vision backend that builds the tower (tinylmm/models/vision/): the prefix of a
-        `<backend>:<model>` name (`open_clip:ViT-L-14`), else `transformers`. The one rule
-        that tells them apart, for specs, saved checkpoints and the planner alike."""
+        `<backend>:<model>` name (`open_clip:ViT-L-14`), else `transformers` (which also loads
+        the `builtin:` towers shipped in the package). The one rule that tells them apart, for
+        specs, saved checkpoints and the planner alike."""
         prefix, sep, _ = (self.name_or_path or "").partition(":")
+        if prefix == BUILTIN_PREFIX:
+            return "transformers"
         return prefix if sep and len(prefix) > 1 and prefix.replace("_", "").isalnum() else "transformers"
 
     @property
@@ -138,6 +144,7 @@ class ShapesConfig:
     n_caption: int = 2000
     n_instruct: int = 2000
     n_eval: int = 300
+    n_pope: int = 16  # images of the POPE splits (3 present + 3 absent objects each, per split)
     image_size: int | None = None  # default: the vision tower's input size
 
 

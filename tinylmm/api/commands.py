@@ -228,6 +228,14 @@ def evaluate_checkpoint(
     return summary, out
 
 
+def plot_run(run_dir) -> list[Path]:
+    """`tinylmm plot`: redraw a run's pictures from its metrics.jsonl (plots/loss.png and
+    plots/eval-<bench>.png per benchmark evaluated). Returns the paths written."""
+    from tinylmm.train.plots import redraw
+
+    return redraw(run_dir)
+
+
 def convert_checkpoint(src, out, *, source: str = "tinyllava", tokenizer=None, template: str | None = None):
     """`tinylmm convert`: another framework's checkpoint as a tinylmm one. Returns (out, notes)."""
     from tinylmm.convert import tinyllava

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, listing, merge, plan, train, zoo
+from tinylmm.cli import chat, convert, evaluate, listing, merge, plan, plot, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.command("convert")(convert.convert)
 app.command("ls")(listing.ls)
 app.command("cp")(listing.cp)
 app.command("plan")(plan.plan)
+app.command("plot")(plot.plot)
 app.add_typer(zoo.app, name="zoo")
 
 

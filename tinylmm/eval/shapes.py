@@ -1,6 +1,8 @@
 """The held-out `shapes` benchmark: one question per image, greedy answers, exact match
 after normalisation (case, surrounding spaces and final punctuation), per question type,
-with the chance level of each type (1 / number of possible answers)."""
+with the chance level of each type (1 / number of possible answers). Its existence
+questions are POPE's three splits (random, popular, adversarial negatives), also scored by
+POPE's rule (`tinylmm.eval.pope`): accuracy, precision, recall, F1 and yes-ratio per split."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from tinylmm.data.pope import STRATEGIES
 from tinylmm.data.shapes import write_shapes_dataset
 from tinylmm.eval.base import BENCHMARKS
+from tinylmm.eval.pope import binary_metrics
 from tinylmm.models.generation import generate_batch
 from tinylmm.schema import ShapesConfig
 
@@ -52,6 +56,7 @@ def evaluate_shapes(
                     "prediction": a,
                     "correct": normalize(a) == normalize(s["answer"]),
                     "chance": 1.0 / len(s["choices"]),
+                    **({"pope_split": s["pope_split"]} if "pope_split" in s else {}),
                 }
             )
     by_type = defaultdict(list)
@@ -71,6 +76,15 @@ def evaluate_shapes(
             for t, rs in sorted(by_type.items())
         },
     }
+    splits = sorted({r["pope_split"] for r in records if "pope_split" in r}, key=STRATEGIES.index)
+    if splits:
+        summary["pope"] = {
+            split: binary_metrics(
+                [r["prediction"] for r in records if r.get("pope_split") == split],
+                [r["answer"] for r in records if r.get("pope_split") == split],
+            )
+            for split in splits
+        }
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,13 +102,20 @@ def shapes_data_for(model_dir: Path, processor) -> Path:
     s, size = ShapesConfig(), processor.image_processor.size
     root = Path.home() / ".cache" / "tinylmm" / f"shapes-{size}"
     return write_shapes_dataset(
-        root, seed=s.seed, n_caption=s.n_caption, n_instruct=s.n_instruct, n_eval=s.n_eval, image_size=size
+        root,
+        seed=s.seed,
+        n_caption=s.n_caption,
+        n_instruct=s.n_instruct,
+        n_eval=s.n_eval,
+        n_pope=s.n_pope,
+        image_size=size,
     )["images"]
 
 
 @BENCHMARKS.register("shapes")
 class ShapesBenchmark:
-    """The built-in shapes world's held-out questions (colour, count, existence, position, shape)."""
+    """The built-in shapes world's held-out questions (colour, shape, count, position, relation,
+    and existence as POPE's three splits)."""
 
     evaluate = staticmethod(evaluate_shapes)
     data_for = staticmethod(shapes_data_for)

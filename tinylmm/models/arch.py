@@ -11,6 +11,7 @@ from pathlib import Path
 from tinylmm.data.processor import ensure_image_token
 from tinylmm.errors import ConfigError
 from tinylmm.models.llm import build_tokenizer, config_from_dict, from_config, supports_attention
+from tinylmm.models.loading import resolve_location
 from tinylmm.resources import asset
 from tinylmm.schema import LLMSpec, VisionSpec
 
@@ -76,7 +77,7 @@ def arch_config(spec: LLMSpec | VisionSpec, what: str) -> dict:
         )
     path = arch_file(name)
     if not path.exists():
-        path = Path(name).expanduser() / "config.json"
+        path = Path(resolve_location(name)).expanduser() / "config.json"
     if not path.exists():
         raise ConfigError(
             f"no architecture config for the {what} '{name}': it is not embedded in tinylmm "

@@ -10,7 +10,6 @@ from torch import nn
 
 from tinylmm.errors import ConfigError
 from tinylmm.models.loading import from_pretrained_or_fail
-from tinylmm.resources import asset
 from tinylmm.schema import LLMSpec
 
 # keys of a saved config.json that are no architecture setting
@@ -86,11 +85,6 @@ def build_tokenizer(spec: LLMSpec):
     source = spec.tokenizer or spec.name_or_path
     if source is None:
         raise ConfigError("model.llm.tokenizer is required when the LLM is built from an inline config")
-    if source.startswith("builtin:"):
-        path = asset(source.split(":", 1)[1] + "-tokenizer")
-        if not path.exists():
-            raise ConfigError(f"model.llm.tokenizer: no built-in tokenizer '{source}'")
-        source = str(path)
     from transformers import AutoTokenizer
 
     return from_pretrained_or_fail(AutoTokenizer, source, "tokenizer")

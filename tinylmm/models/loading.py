@@ -5,6 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tinylmm.errors import unknown
+from tinylmm.resources import asset
+
+# `builtin:<name>`: models shipped inside the package, in a hub checkout's layout; made by
+# scripts/pretrain_toy.py (the tokenizer `builtin:toy` lives with the toy LLM).
+BUILTIN = {"toy": "toy/llm", "toy-llm": "toy/llm", "toy-siglip": "toy/siglip"}
+
+
+def resolve_location(name: str) -> str:
+    """The directory of a `builtin:` model; any other hub id or path as given."""
+    if not name.startswith("builtin:"):
+        return name
+    key = name.split(":", 1)[1]
+    if key not in BUILTIN:
+        raise unknown("built-in model", key, BUILTIN)
+    return str(asset(BUILTIN[key]))
+
 
 class ModelNotFoundError(FileNotFoundError):
     pass
@@ -31,7 +48,7 @@ def _missing_message(what: str, name: str, err: Exception) -> str:
 
 def from_pretrained_or_fail(cls, name: str, what: str, **kwargs):
     """`cls.from_pretrained(name)`, turning any not-found/network failure into one message."""
-    path = Path(name).expanduser()
+    path = Path(resolve_location(name)).expanduser()
     if path.exists() and not path.is_dir():
         raise ModelNotFoundError(f"the {what} path '{name}' is a file; give its directory")
     try:

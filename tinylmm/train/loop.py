@@ -65,6 +65,7 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> L
                 n_caption=s.n_caption,
                 n_instruct=s.n_instruct,
                 n_eval=s.n_eval,
+                n_pope=s.n_pope,
                 image_size=s.image_size or processor.image_processor.size,
             )
         return LlavaDataset(paths[stage.data.shapes], paths["images"], processor, template, stage.max_len)
@@ -177,6 +178,8 @@ def train(
         for d in loaded.values():
             if d.report.skipped:
                 report.note(d.report.summary() + "; first: " + "; ".join(f"{i} ({r})" for i, r in d.report.skipped[:3]))
+        # drawn before evaluating: a failed evaluation still leaves the training curves
+        plotted = [report.plot_loss(run_dir / "plots" / "loss.png")]
         if evaluate and cfg.eval.bench:
             model.eval()
             for bench in cfg.eval.bench:  # the first one's summary is the run's result
@@ -190,7 +193,11 @@ def train(
                     max_new_tokens=cfg.eval.max_new_tokens,
                 )
                 report.eval_table(summary)
+                report.record_eval(summary)
+                plotted.append(report.plot_eval(summary, run_dir / "plots" / f"eval-{bench}.png"))
                 result.eval = result.eval or summary
+        if any(plotted):
+            report.note("plots: " + ", ".join(str(p) for p in plotted if p is not None))
     accel.wait_for_everyone()
     accel.end_training()
     report.close()

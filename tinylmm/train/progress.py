@@ -1,14 +1,18 @@
-"""What a run shows and records: rich progress bars, notes, metrics.jsonl, the eval table."""
+"""What a run shows and records: rich progress bars, notes, metrics.jsonl, the eval tables, plots/."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from tinylmm.train import plots
 
 
 class Reporter:
@@ -94,6 +98,56 @@ class Reporter:
             table.add_row(qtype, str(r["n"]), f"{r['accuracy']:.1%}", f"{r['chance']:.1%}")
         table.add_row("[bold]overall", str(result["n"]), f"[bold]{result['accuracy']:.1%}", f"{result['chance']:.1%}")
         self.console.print(table)
+        if "pope" in result:
+            self.console.print(_pope_table(result["pope"]))
+
+    def record_eval(self, summary: dict) -> None:
+        """Append the evaluation to metrics.jsonl as {"eval": <bench>, **summary}: the
+        record `tinylmm plot` redraws the eval chart from (the per-question answers stay
+        in eval/<bench>.json)."""
+        if not self.is_main:
+            return
+        record = {"eval": summary["bench"], **{k: v for k, v in summary.items() if k != "predictions"}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+
+    def plot_loss(self, out_png: Path) -> Path | None:
+        """plots/loss.png from metrics.jsonl; None (and a warning) when it cannot be drawn."""
+        return self._plot(lambda: plots.draw_loss(plots.read_metrics(self.metrics_path), out_png), out_png)
+
+    def plot_eval(self, summary: dict, out_png: Path) -> Path | None:
+        return self._plot(lambda: plots.draw_eval(summary, out_png), out_png)
+
+    def _plot(self, draw, out_png: Path) -> Path | None:
+        # a picture is a convenience: failing to draw it must not lose the run it pictures
+        if not self.is_main:
+            return None
+        try:
+            return draw()
+        except Exception as e:  # noqa: BLE001 - any failure becomes a warning
+            self.warn(escape(f"could not draw {out_png}: {type(e).__name__}: {e}"))
+            return None
 
     def close(self) -> None:
         self.end_stage()
+
+
+def _pope_table(pope: dict) -> Table:
+    table = Table(title="POPE (object hallucination)")
+    for col in ("split", "n", "accuracy", "precision", "recall", "F1", "yes-ratio"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, r in pope.items():
+        scores = (r[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+        table.add_row(split, str(r["n"]), *(f"{v:.1%}" for v in scores))
+    return table
+
+
+def _strict(value):
+    """NaN and infinities as null: metrics.jsonl's evaluation records are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
