@@ -78,7 +78,7 @@ MODELS = {
     "toy": [],
     "llama-mid+siglip": [f"model.llm.config={LLAMA_MID}", f"model.vision.config={SIGLIP_MID}"],
     "llama-big+siglip": [f"model.llm.config={LLAMA_BIG}", f"model.vision.config={SIGLIP_BIG}"],
-    "phi-mid+clip": [f"model.llm.config={PHI_MID}", f"model.vision.config={CLIP_MID}", "model.template=phi"],
+    "phi-mid+clip": [f"model.llm.config={PHI_MID}", f"model.vision.config={CLIP_MID}"],
     "stablelm-mid+siglip": [f"model.llm.config={STABLELM_MID}", f"model.vision.config={SIGLIP_MID}"],
 }
 
@@ -144,6 +144,17 @@ def section_acts():
         ("llama-mid+siglip", "finetune", "bf16", 2, 320, ["stages.finetune.tune.llm=qlora", "lora.r=16"]),
         ("phi-mid+clip", "finetune", "bf16", 2, 320, ["stages.finetune.tune.llm=qlora", "lora.r=16"]),
         ("llama-mid+siglip", "share", "bf16", 2, 320, ["stages.share.tune.vision=lora", "lora.r=16"]),
+        # the LM head + loss in chunks of 128 positions (the default 1024 is one chunk here)
+        ("llama-mid+siglip", "share", "bf16", 2, 320, ["train.loss_chunk=128"]),
+        ("llama-big+siglip", "finetune", "bf16", 2, 768, ["train.loss_chunk=128"]),
+        (
+            "llama-mid+siglip",
+            "finetune",
+            "bf16",
+            2,
+            320,
+            ["stages.finetune.tune.llm=qlora", "lora.r=16", "train.loss_chunk=128"],
+        ),
     ]
     worst = 0.0
     for name, stage, precision, B, S, extra in cases:
@@ -164,6 +175,7 @@ def section_acts():
         e0, e1 = sum(acts.saved(B, False).values()), sum(acts.saved(B, True).values())
         worst = max(worst, abs(e0 / m0 - 1), abs(e1 / m1 - 1))
         tune = ", ".join(f"{c} {cfg.stages[stage].tune[c]}" for c in ("vision", "llm"))
+        tune += f", loss chunk {cfg.train.loss_chunk}"
         print(
             f"| {name} | {stage} ({tune}) | {precision} | {B} x {S} | {m0 / MiB:.2f} MiB | {e0 / MiB:.2f} MiB | "
             f"{pct(e0, m0)} | {m1 / MiB:.2f} MiB | {e1 / MiB:.2f} MiB | {pct(e1, m1)} |"
@@ -198,6 +210,10 @@ def section_peak():
             320,
             ["stages.finetune.tune.llm=lora", "lora.r=16", "train.optimizer=adamw_8bit"],
         ),
+        ("llama-mid+siglip", "share", "bf16", False, 2, 320, ["train.loss_chunk=0"]),  # the loss at once
+        ("llama-mid+siglip", "share", "bf16", False, 2, 320, ["train.loss_chunk=128"]),
+        ("llama-big+siglip", "finetune", "bf16", True, 2, 768, ["train.loss_chunk=0"]),
+        ("llama-big+siglip", "finetune", "bf16", True, 2, 768, ["train.loss_chunk=128"]),
     ]
     worst = 0.0
     for name, stage, precision, gc, B, S, extra in cases:
@@ -212,6 +228,7 @@ def section_peak():
         planned = next(s for s in plan.stages if s.name == stage)
         worst = max(worst, abs(planned.total / peak - 1))
         tune = ", ".join(f"{c} {cfg.stages[stage].tune[c]}" for c in ("vision", "llm"))
+        tune += f", loss chunk {cfg.train.loss_chunk}"
         print(
             f"| {name} | {stage} ({tune}) | {precision} | {'on' if gc else 'off'} | {B} x {S} | "
             f"{peak / MiB:.1f} MiB | {planned.total / MiB:.1f} MiB | {pct(planned.total, peak)} | {planned.peak_at} |"

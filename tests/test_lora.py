@@ -38,6 +38,11 @@ def prepared(tmp_path, stage="share", **kw):
             return model, processor, cfg
 
 
+def logit_inputs(x: dict) -> dict:
+    """Without labels: the forward returns the logits at every position (with them, the loss only)."""
+    return {k: v for k, v in x.items() if k != "labels"}
+
+
 def batch(processor):
     enc = processor.encode([("human", "<image>\nWhat color is the circle?"), ("gpt", "red")], num_images=1)
     return model_inputs(processor, enc, Image.new("RGB", (32, 32), (200, 20, 20)))
@@ -141,13 +146,13 @@ def test_full_stage_after_lora_merges_the_adapters(tmp_path):
         for n, p in model.llm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # as if trained
-        want = model(**x).logits
+        want = model(**logit_inputs(x)).logits
     cfg, _ = cfg_for(tmp_path, tune=None, extra=extra)
     prepare_stage(model, cfg, "finetune", tmp_path / "run")
     assert not hasattr(model.llm, "peft_config") and model.llm_base is None
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(**x).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(**logit_inputs(x)).logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_mixed_precision_stores_frozen_weights_in_bf16(tmp_path):
@@ -222,16 +227,18 @@ def test_load_and_merge_reproduce_the_trained_model(qlora_run, tmp_path):
     assert isinstance(model.llm.get_base_model().model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
     x = batch(processor)
     with torch.no_grad():
-        want = model(**x).logits
+        want = model(**logit_inputs(x)).logits
     merged = merge_checkpoint(run / "final", tmp_path / "merged")
     shutil.copytree(merged, tmp_path / "elsewhere")  # self-contained: no reference to the run's base
     m2, _ = load(tmp_path / "elsewhere")
     assert type(m2.llm.model.layers[0].mlp.up_proj) is nn.Linear
     with torch.no_grad():
-        got = m2(**x).logits
+        got = m2(**logit_inputs(x)).logits
         # merged into the dequantized base: equal up to the 4-bit layers' bf16 compute
         assert (got - want).abs().max() < 0.02
-        fp = load(merge_checkpoint(run / "final", tmp_path / "fp", full_precision_base=True))[0](**x).logits
+        fp = load(merge_checkpoint(run / "final", tmp_path / "fp", full_precision_base=True))[0](
+            **logit_inputs(x)
+        ).logits
         assert (fp - got).abs().max() > (got - want).abs().max()  # a different base: farther away
     with pytest.raises(FileExistsError):
         merge_checkpoint(run / "final", tmp_path / "merged")

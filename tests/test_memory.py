@@ -120,16 +120,21 @@ def estimate_saved(cfg, stage, B, S, precision, K):
 
 
 @pytest.mark.parametrize(
-    "preset, stage, B, S, precision",
+    "preset, stage, B, S, precision, chunk",
     [
-        ("toy", "pretrain", 8, 256, "fp32"),  # frozen LLM that gradients flow through
-        ("toy", "share", 8, 256, "fp32"),  # everything trains
-        ("mid", "finetune", 2, 320, "fp32"),  # frozen tower, LLM with GQA trains
-        ("mid", "share", 2, 320, "bf16"),  # autocast, frozen weights stored in bf16
+        ("toy", "pretrain", 8, 256, "fp32", 1024),  # frozen LLM that gradients flow through; loss in 2 chunks
+        ("toy", "share", 8, 256, "fp32", 0),  # everything trains; the loss unchunked
+        ("mid", "finetune", 2, 320, "fp32", 1024),  # frozen tower, LLM with GQA trains; one chunk
+        ("mid", "finetune", 2, 320, "fp32", 100),  # the same, the head + loss in 6 chunks
+        ("mid", "share", 2, 320, "bf16", 64),  # autocast, frozen weights stored in bf16
     ],
 )
-def test_activation_estimate_matches_bytes_saved_for_backward(preset, stage, B, S, precision, tmp_path):
-    cfg, _ = resolve("toy", "share", (MID if preset == "mid" else []) + [f"train.precision={precision}"])
+def test_activation_estimate_matches_bytes_saved_for_backward(preset, stage, B, S, precision, chunk, tmp_path):
+    cfg, _ = resolve(
+        "toy",
+        "share",
+        (MID if preset == "mid" else []) + [f"train.precision={precision}", f"train.loss_chunk={chunk}"],
+    )
     model = measure.stage_model(cfg, stage, tmp_path, precision)
     batch = measure.make_batch(model, B, S)
     plain, ckpt = measure.measure_saved(model, batch, precision)
@@ -155,18 +160,23 @@ def test_the_lm_head_and_loss_scale_with_the_logit_positions():
 
 
 @pytest.mark.parametrize(
-    "preset, stage, precision, gc, B, S",
+    "preset, stage, precision, gc, B, S, chunk",
     [
-        ("toy", "share", "fp32", False, 4, 128),  # peaks as the loss's backward starts
-        ("mid", "share", "fp32", True, 2, 192),  # peaks in the backward of a recomputed layer
+        ("toy", "share", "fp32", False, 4, 128, 0),  # peaks as the unchunked loss's backward starts
+        ("toy", "share", "fp32", False, 4, 128, 64),  # the same step, the head + loss in 7 chunks
+        ("mid", "share", "fp32", True, 2, 192, 1024),  # peaks in the backward of a recomputed layer
     ],
 )
-def test_planned_total_matches_the_peak_of_a_training_step(preset, stage, precision, gc, B, S, tmp_path):
+def test_planned_total_matches_the_peak_of_a_training_step(preset, stage, precision, gc, B, S, chunk, tmp_path):
     cfg, _ = resolve(
         "toy",
         "share",
         (MID if preset == "mid" else [])
-        + [f"train.precision={precision}", f"train.gradient_checkpointing={str(gc).lower()}"],
+        + [
+            f"train.precision={precision}",
+            f"train.gradient_checkpointing={str(gc).lower()}",
+            f"train.loss_chunk={chunk}",
+        ],
     )
     peak, K = measure.measure_peak(cfg, stage, B, S, tmp_path)
     plan = mem.plan_run(cfg, seq_len=S, micro_batch=B, device="cpu", logit_positions=K)
@@ -471,3 +481,19 @@ def test_the_planner_refuses_dinov2_layers_it_does_not_model():
         cfg, _ = resolve("toy", "share", [LLAMA_MID, DINOV2_MID[0][:-1] + f", {key}}}", DINOV2_MID[1]])
         with pytest.raises(ConfigError, match="DINOv2 layers with a GELU MLP and no drop path"):
             mem.plan_run(cfg, seq_len=320)
+
+
+def test_the_chunked_head_and_loss_is_8x_smaller_at_a_100k_vocabulary():
+    """StableLM-2 (100,352-token vocabulary), seq 2048, micro-batch 8, every text position
+    supervised: the head + loss activations, at their largest moment, chunked vs at once."""
+
+    def head_loss_bytes(chunk):
+        cfg, _ = resolve("tinyllava-stablelm2-siglip-2.0b", "base", [f"train.loss_chunk={chunk}"], tune="qlora")
+        acts = mem.stage_activations(
+            mem.build_meta(cfg.model), cfg, "pretrain", seq_len=2048, precision="bf16", device="cuda"
+        )
+        return max(m.get("activations: logits + loss", 0) for m in acts.moments(8, True).values())
+
+    unchunked, chunked = head_loss_bytes(0), head_loss_bytes(1024)
+    assert unchunked > 11 * 2**30  # the 11.8 GiB the issue measured
+    assert chunked * 8 <= unchunked

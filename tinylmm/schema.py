@@ -184,6 +184,11 @@ class TrainConfig:
     # paged_*: bitsandbytes states in CUDA unified memory (evicted to RAM under pressure)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     gradient_checkpointing: bool = False
+    # the LM head + loss over the supervised positions, this many at a time (0: all at
+    # once, one logits tensor); torch: chunked in torch on any device; liger: Liger-Kernel's
+    # fused linear cross-entropy (CUDA, plain heads); auto: liger where it can run
+    loss_chunk: int = 1024
+    loss_kernel: Literal["auto", "torch", "liger"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     num_workers: int = 0
     seed: int = 0  # data order

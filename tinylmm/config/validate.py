@@ -52,3 +52,5 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
     if not cfg.lora.lr > 0:
         raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive")
+    if cfg.train.loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")

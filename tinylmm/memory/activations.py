@@ -3,9 +3,10 @@ alive at each moment of a micro-batch.
 
 `stage_activations` walks the model as TinyLMM.forward runs it: the vision tower (one
 image per sample), the connector, the LLM over `seq_len` tokens, then the LM head and the
-loss over `logit_positions` positions only. TinyLMM.forward runs the head only where the
-next token is supervised in some sample of the batch; how many such positions a batch has
-depends on its data, so it is an input here. The default is the most any batch can have
+loss over `logit_positions` positions per sample only. TinyLMM.forward runs the head only
+where the next token is supervised, `train.loss_chunk` positions at a time
+(tinylmm.models.head_loss); how many such positions a batch has depends on its data, so
+it is an input here. The default is the most any batch can have
 when every text token is supervised: seq_len minus the visual tokens of one image (the
 image sits at the same place in every sample, where the template puts it).
 """
@@ -68,9 +69,11 @@ class Activations:
     The peak is the largest of these moments of a micro-batch:
       end of forward     every saved tensor, autocast's weight cache (a half copy of each
                          trainable fp32 weight), and while the loss runs the logits, their
-                         fp32 copy and its log-softmax
+                         fp32 copy and its log-softmax: of all positions, or of one chunk
       start of backward  every saved tensor and the loss's two logit-sized fp32 gradients
-                         (nll's and log-softmax's)
+                         (nll's and log-softmax's); chunked: one chunk's logits made again,
+                         their log-softmax and gradients (12 bytes per logit, measured), and
+                         a trainable head's weight gradient of the chunk beside the sum
       backward of a layer  the gradients a layer's backward holds, with checkpointing
                          next to the layer's saved tensors made again; the LLM's while the
                          rest is still saved (the loss is done), the tower's once the LLM is
@@ -83,23 +86,41 @@ class Activations:
     connector: float  # per sample
     connector_fixed: float
     connector_cached: float
-    loss: float  # per logit position: head input (when the head trains), log-softmax output, target
-    loss_fixed: float  # bytes: the kept positions' index, saved by the gather before the head
+    loss: float  # per logit position, unchunked: head input (when the head trains), log-softmax output, target
+    loss_chunked: float  # per logit position, chunked: the hidden state and target the loss function keeps
+    loss_fixed: float  # per logit position: the gather's index (when the hidden states need a gradient)
     vocab: int  # logits per position; 0 when the loss needs no gradient
     logit_bytes: float  # bytes per logit (the head's compute dtype)
     llm_tokens: int  # per sample
     vision_tokens: int  # per sample (one image)
     logit_positions: int  # per sample
     notes: list[str] = field(default_factory=list)
+    loss_chunk: int = 0  # positions per chunk of the head + loss (0: all at once)
+    head_grad: float = 0.0  # bytes of a trainable head's fp32 weight gradient (0: the head is frozen)
+    # autocast's half copy of a trainable fp32 head weight, saved for backward and cached in
+    # forward; chunked, the forward runs without autograd and the backward makes it per chunk
+    head_fixed: float = 0.0
+    head_cached: float = 0.0
+    hidden_grad: float = 0.0  # per logit position: the gradient of the hidden states, filled chunk by chunk
 
-    def fixed(self, gc: bool) -> float:
+    def chunk_rows(self, batch: int) -> int:
+        """Positions whose logits are live at once: a chunk, or all of the micro-batch."""
+        rows = self.logit_positions * batch
+        return rows if self.loss_chunk <= 0 or self.loss_chunk >= rows else self.loss_chunk
+
+    def chunked(self, batch: int) -> bool:
+        return self.chunk_rows(batch) < self.logit_positions * batch
+
+    def fixed(self, gc: bool, batch: int) -> float:
         """Autocast's half copies of fp32 weights kept for backward. Inside checkpointed
         layers they are dropped after the forward and made again by the recomputation."""
         out = self.llm.fixed_outside + self.vision.fixed_outside + self.connector_fixed
+        out += 0.0 if self.chunked(batch) else self.head_fixed
         return out if gc else out + self.llm.fixed_layers + self.vision.fixed_layers
 
-    def cached(self) -> float:
-        return self.llm.cached + self.vision.cached + self.connector_cached
+    def cached(self, batch: int) -> float:
+        head = 0.0 if self.chunked(batch) else self.head_cached
+        return self.llm.cached + self.vision.cached + self.connector_cached + head
 
     def saved(self, batch: int, gc: bool) -> dict[str, float]:
         """What autograd keeps for backward at its start, by part; with checkpointing plus
@@ -110,16 +131,26 @@ class Activations:
             "llm": (self.llm.outside + (self.llm.held if gc else self.llm.layers)) * tok_llm,
             "vision": (self.vision.outside + (self.vision.held if gc else self.vision.layers)) * tok_vis,
             "connector": self.connector * batch,
-            "loss": self.loss * self.logit_positions * batch + self.loss_fixed,
+            "loss": ((self.loss_chunked if self.chunked(batch) else self.loss) + self.loss_fixed)
+            * self.logit_positions
+            * batch,
             "recompute": recompute,
-            "fixed": self.fixed(gc),
+            "fixed": self.fixed(gc, batch),
         }
 
     def moments(self, batch: int, gc: bool) -> dict[str, dict[str, float]]:
         part = self.saved(batch, gc)
         tok_llm, tok_vis = self.llm_tokens * batch, self.vision_tokens * batch
-        logits = self.vocab * self.logit_positions * batch
+        logits = self.vocab * self.chunk_rows(batch)
         fp32_copy = 4 if self.logit_bytes != 4 else 0  # logits.float() is the tensor itself in fp32
+        # chunked: the log-softmax of a chunk is made in forward and dropped (no_grad); in
+        # backward one chunk's logits exist again with their gradients
+        fwd_extra, bwd = (4, 12) if self.chunked(batch) else (0, 8)
+        # with the hidden states' whole gradient (filled chunk by chunk), a trainable head's
+        # gradient of the chunk beside the sum, and its half copy
+        bwd_head = 0.0
+        if self.chunked(batch) and self.vocab:
+            bwd_head = self.head_grad + self.head_fixed + self.hidden_grad * self.logit_positions * batch
         llm = {"activations: LLM": part["llm"]}
         vision = {"activations: vision tower": part["vision"], "activations: connector": part["connector"]}
         copies = {"activations: autocast weight copies": part["fixed"]}
@@ -127,10 +158,15 @@ class Activations:
             "end of forward": {
                 **llm,
                 **vision,
-                "activations: logits + loss": part["loss"] + logits * (self.logit_bytes + fp32_copy),
-                "activations: autocast weight copies": self.cached(),
+                "activations: logits + loss": part["loss"] + logits * (self.logit_bytes + fp32_copy + fwd_extra),
+                "activations: autocast weight copies": self.cached(batch),
             },
-            "start of backward": {**llm, **vision, "activations: logits + loss": part["loss"] + logits * 8, **copies},
+            "start of backward": {
+                **llm,
+                **vision,
+                "activations: logits + loss": part["loss"] + logits * bwd + bwd_head,
+                **copies,
+            },
         }
         # the loss and what ran after a stack (the LLM's final norm, the connector) are done
         llm_tail = {"activations: LLM": part["llm"] - self.llm.tail * tok_llm}
@@ -349,12 +385,15 @@ def stage_activations(
     logits = htr.linear(
         x.like(), Linear(head.in_features, head.out_features, l_bytes(head.weight), ls.trains(head.weight))
     )
-    l_acts.fixed_outside += htr.fixed
-    l_acts.cached += htr.cached
+    head_copies = (htr.fixed, htr.cached)  # autocast's half copy of a trainable head: kept unless chunked
     loss = htr.per_token() + (4 * head.out_features + 8 if logits.grad else 0)
     if logits.grad and getattr(meta.llm_config, "final_logit_softcapping", None) is not None:
         loss += logits.b * head.out_features  # Gemma-2: cap * tanh(logits / cap), tanh keeps its output
-    index = 8 * K if x.grad else 0
+    # chunked (tinylmm.models.head_loss): the function keeps the gathered hidden states and
+    # the int64 targets; hidden[:, :-1][mask] keeps the mask's two int64 index vectors
+    loss_chunked = x.n * x.b + 8 if logits.grad else 0
+    index = 16 if x.grad else 0
+    head_trains = ls.trains(head.weight)
     return Activations(
         l_acts,
         v_acts,
@@ -362,6 +401,7 @@ def stage_activations(
         con_fixed,
         con_cached,
         loss,
+        loss_chunked,
         index,
         head.out_features if logits.grad else 0,
         logits.b,
@@ -369,4 +409,8 @@ def stage_activations(
         tok_v,
         K,
         notes,
+        cfg.train.loss_chunk,
+        4 * head.in_features * head.out_features if head_trains else 0.0,
+        *head_copies,
+        x.n * x.b if x.grad else 0.0,
     )

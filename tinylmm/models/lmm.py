@@ -9,18 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinylmm.data.templates import IGNORE_INDEX
 from tinylmm.models import checkpoint
+from tinylmm.models.head_loss import head_loss_sum
 from tinylmm.models.llm import decoder_layers
 from tinylmm.schema import ModelSpec
 
 
 @dataclass
 class LMMOutput:
-    logits: torch.Tensor  # with labels: only at the supervised positions (see forward)
+    logits: torch.Tensor | None  # None with labels: the head ran only inside the loss
     loss: torch.Tensor | None = None  # mean over supervised tokens
     loss_sum: torch.Tensor | None = None  # sum over supervised tokens (for token-weighted steps)
     num_tokens: int = 0
@@ -39,6 +39,10 @@ class TinyLMM(nn.Module):
         self.llm_quant = None  # QuantSpec of a k-bit LLM base
         self.vision_lora = None  # LoraSpec of adapters injected in the vision tower
         self.notes: list[str] = []  # what the assembly decided (embedding grown ...)
+        # the LM head + loss (tinylmm.models.head_loss): positions per chunk, and the kernel
+        # that the run chose (set by the training loop from train.loss_chunk / loss_kernel)
+        self.loss_chunk = 1024
+        self.loss_kernel = "torch"
 
     @property
     def device(self) -> torch.device:
@@ -76,29 +80,28 @@ class TinyLMM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None) -> LMMOutput:
-        """Without labels: logits at every position. With labels: the loss, and logits only
-        at the positions whose next token is supervised in some sample of the batch (the
-        head never runs on visual tokens and prompts: with a 100k vocabulary the logits
-        are the largest tensors of a step)."""
+        """Without labels: logits at every position. With labels: the loss only. The head
+        runs on the supervised positions alone, `loss_chunk` of them at a time
+        (tinylmm.models.head_loss): with a 100k vocabulary the logits would be the largest
+        tensors of a step."""
         embeds = self.embed(input_ids, pixel_values)
         if labels is None:
             return LMMOutput(self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits)
-        targets = labels[:, 1:]  # the logits at position t predict token t + 1
-        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            keep = keep.new_zeros(1)  # nothing supervised: a zero loss that still has a graph
-        logits = self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
-        ).logits
-        targets = targets[:, keep]
-        loss_sum = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        targets = labels[:, 1:]  # the hidden state at position t predicts token t + 1
+        supervised = targets != IGNORE_INDEX
+        loss_sum = head_loss_sum(
+            self.llm.get_output_embeddings(),
+            hidden[:, :-1][supervised],
+            targets[supervised],
+            chunk=self.loss_chunk,
+            kernel=self.loss_kernel,
+            softcap=getattr(self.llm.config, "final_logit_softcapping", None),
         )
-        n = int((targets != IGNORE_INDEX).sum())
-        return LMMOutput(logits, loss_sum / max(n, 1), loss_sum, n)
+        n = int(supervised.sum())
+        return LMMOutput(None, loss_sum / max(n, 1), loss_sum, n)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs) -> torch.Tensor:

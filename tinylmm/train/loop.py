@@ -32,7 +32,13 @@ from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
-from tinylmm.train.runtime import enable_checkpointing, has_accelerator, resolve_attention, resolve_precision
+from tinylmm.train.runtime import (
+    configure_head_loss,
+    enable_checkpointing,
+    has_accelerator,
+    resolve_attention,
+    resolve_precision,
+)
 from tinylmm.train.schedule import StageSampler, lr_lambda, stage_steps, step_indices
 from tinylmm.train.stages import prepare_stage
 
@@ -151,6 +157,7 @@ def train(
             )
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model)
+        notes.append(configure_head_loss(model, cfg.train, accel.device))
         for line in notes:
             report.note(f"stage {name}: {line}")
         if resume_dir is not None and (final_dir / "tinylmm.json").exists():

@@ -21,7 +21,7 @@ from tinylmm.models import adapters
 from tinylmm.models.assemble import build_model
 from tinylmm.models.llm import decoder_layers
 from tinylmm.train.optim import build_optimizer
-from tinylmm.train.runtime import enable_checkpointing
+from tinylmm.train.runtime import configure_head_loss, enable_checkpointing
 from tinylmm.train.stages import prepare_stage
 
 
@@ -210,9 +210,10 @@ def make_batch(model, B: int, S: int, pad: int = 7, seed: int = 0) -> dict:
 
 
 def logit_positions(batch: dict) -> int:
-    """Where TinyLMM.forward runs the LM head for this batch: the positions whose next token
-    is supervised in some sample (at least one)."""
-    return max(1, int((batch["labels"][:, 1:] != -100).any(0).sum()))
+    """Where TinyLMM.forward runs the LM head for this batch, per sample: the positions whose
+    next token is supervised, over the samples (rounded up; at least one)."""
+    n, b = int((batch["labels"][:, 1:] != -100).sum()), batch["labels"].shape[0]
+    return max(1, -(-n // b))
 
 
 def stage_model(cfg, stage: str, run_dir, precision: str):
@@ -221,6 +222,7 @@ def stage_model(cfg, stage: str, run_dir, precision: str):
     model, _ = build_model(cfg.model)
     half = torch.bfloat16 if precision == "bf16" else None
     prepare_stage(model, cfg, stage, Path(run_dir), device="cpu", half_dtype=half)
+    configure_head_loss(model, cfg.train, torch.device("cpu"))
     return model.train()
 
 

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from tinylmm.models.head_loss import choose_kernel
+
 log = logging.getLogger(__name__)
 
 
@@ -72,3 +74,15 @@ def enable_checkpointing(model) -> None:
             part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def configure_head_loss(model, train, device: torch.device) -> str:
+    """Set how the model runs its LM head + loss (train.loss_chunk, train.loss_kernel),
+    for the head it has now (a stage's adapters may wrap it). -> a sentence for the log."""
+    kernel, note = choose_kernel(train.loss_kernel, model.llm.get_output_embeddings(), device)
+    if train.loss_kernel == "liger" and kernel != "liger":
+        log.warning(note)  # asked for and not available: say so loudly
+    model.loss_chunk, model.loss_kernel = train.loss_chunk, kernel
+    if kernel == "torch":
+        note += f", {train.loss_chunk} positions per chunk" if train.loss_chunk > 0 else ", unchunked (loss_chunk 0)"
+    return note
