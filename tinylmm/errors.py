@@ -17,6 +17,14 @@ class TemplateError(ValueError):
     """A conversation template that does not fit the tokenizer or the conversation."""
 
 
+class RunStateError(ValueError):
+    """A run directory that cannot be resumed (an unreadable or pickled trainer state)."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
+
+
 class TemplateMismatch(TemplateError):
     """The template cannot locate a sample's answers (e.g. the chat template rewrites them)."""
 

@@ -192,6 +192,9 @@ class TrainConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     num_workers: int = 0
     seed: int = 0  # data order
+    # steps in a row with a non-finite loss or gradient norm (each makes no update) before
+    # the run stops with an error, without writing the stage's final/
+    max_bad_steps: int = 3
 
 
 @dataclass

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tinylmm.errors import ConfigError, DataError, TemplateError
+from tinylmm.errors import ConfigError, DataError, DivergenceError, RunStateError, TemplateError
 
 # what a user can fix: one red line, exit 2 (anything else is a bug and keeps its traceback)
-USER_ERRORS = (ConfigError, DataError, TemplateError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    TemplateError,
+    RunStateError,
+    DivergenceError,
+    FileNotFoundError,
+    FileExistsError,
+)
 
 
 def run_cli(app) -> int:

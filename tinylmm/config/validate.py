@@ -54,3 +54,5 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive")
     if cfg.train.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
+    if cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1")

@@ -1,7 +1,7 @@
 """A run's checkpoint folders, each written with tinylmm.files.write_atomically, so a run
 killed mid-write never leaves a checkpoint that looks whole.
 
-    runs/<run>/<stage>/step-000040/   model + processor (loadable) + trainer_state.pt
+    runs/<run>/<stage>/step-000040/   model + processor (loadable) + trainer_state.{json,safetensors}
     runs/<run>/<stage>/final/         model + processor
     runs/<run>/final -> <last stage>/final
 """

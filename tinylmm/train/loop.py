@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tinylmm import trainability
 from tinylmm.config import dump_resolved, load_resolved
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.shapes import write_shapes_dataset
-from tinylmm.errors import ConfigError
+from tinylmm.errors import ConfigError, DivergenceError
 from tinylmm.eval import BENCHMARKS
 from tinylmm.files import write_atomically
 from tinylmm.memory import fmt_bytes, plan_run
@@ -30,6 +31,7 @@ from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
+from tinylmm.train import trainer_state
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
 from tinylmm.train.runtime import (
@@ -168,7 +170,7 @@ def train(
         last = ckpt.latest_step(stage_dir) if resume_dir is not None else None
         if last is not None:
             restore_parts(model, last)
-            state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+            state = trainer_state.load(last)
             start_step = state["step"]
             report.note(f"stage {name}: resuming from {last} (step {start_step})")
         if resume_dir is not None:
@@ -279,6 +281,7 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # dropout (e.g. LoRA's) continues where it stopped
     losses = []
+    bad_in_a_row = bad_steps = 0
     report.start_stage(name, steps.total_steps, start_step)
     for step in range(start_step, steps.total_steps):
         t0 = time.perf_counter()
@@ -297,19 +300,41 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
                 accel.backward(micro_loss * accel.num_processes / global_tokens)
             loss_sum += micro_loss.detach().float()
             del micro_loss
-        grad_norm = accel.clip_grad_norm_(trainable, stage.max_grad_norm)
+        grad_norm = float(accel.clip_grad_norm_(trainable, stage.max_grad_norm))
         lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         loss = (accel.reduce(loss_sum, reduction="sum") / global_tokens).item()
+        done = step + 1
+        # The non-finite guard: a step whose loss or gradient norm is not finite updates
+        # nothing (the same on every process: both are reduced over the processes).
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row, bad_steps = bad_in_a_row + 1, bad_steps + 1
+            report.note(
+                f"stage {name}: step {done}: loss {loss}, gradient norm {grad_norm}: not finite, "
+                f"no update ({bad_in_a_row} in a row)"
+            )
+        scheduler.step()  # the schedule follows the data position, updated or not
+        optimizer.zero_grad(set_to_none=True)
         tokens = int(accel.reduce(torch.tensor(tokens, device=accel.device), reduction="sum"))
         losses.append(loss)
-        report.step(name, index, step + 1, loss, lr, float(grad_norm), tokens, time.perf_counter() - t0)
-        done = step + 1
+        report.step(name, index, done, loss, lr, grad_norm, tokens, time.perf_counter() - t0)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise DivergenceError(
+                f"stages.{name}: {bad_in_a_row} steps in a row to step {done} had a non-finite loss or "
+                f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); the run stopped before "
+                f"writing this stage's final/ (its step checkpoints so far are intact). Lower "
+                f"stages.{name}.lr (now {stage.lr:g}) and train again"
+            )
         if stage.save_every and done % stage.save_every == 0 and done < steps.total_steps:
             _save_step(accel, model, processor, optimizer, scheduler, stage_dir, done)
     report.end_stage()
+    if bad_steps:
+        report.note(f"stage {name}: {bad_steps} step(s) with a non-finite loss or gradient norm made no update")
+    broken = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:  # never a final/ of non-finite weights
+        raise DivergenceError(f"stages.{name}: non-finite weights after training ({', '.join(broken[:3])} ...)")
     accel.free_memory()  # drop the DDP wrapper: the next stage wraps its own trainable set
     return losses
 
@@ -326,7 +351,7 @@ def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
 
         def write(d):
             model.save(d, processor)
-            torch.save(state, d / "trainer_state.pt")
+            trainer_state.save(state, d)
 
         write_atomically(ckpt.step_dir(stage_dir, step), write)
     accel.wait_for_everyone()

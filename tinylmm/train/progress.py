@@ -72,15 +72,15 @@ class Reporter:
             "stage": stage,
             "stage_index": stage_index,
             "step": step,
-            "loss": round(loss, 6),
+            "loss": round(loss, 6) if math.isfinite(loss) else None,  # strict JSON: a non-finite step is null
             "lr": lr,
-            "grad_norm": round(grad_norm, 4),
+            "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
             "tokens": tokens,
             "tokens_per_s": round(tps, 1),
             "step_time": round(seconds, 4),
         }
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         self.progress.update(self.task, completed=step, loss=loss, lr=lr, tps=tps)
 
     def end_stage(self) -> None:
