@@ -207,3 +207,15 @@ def test_the_run_sets_the_chunk_and_reports_the_kernel():
     assert note == "LM head + loss: chunked (torch), 7 positions per chunk"
     with pytest.raises(ConfigError, match="train.loss_chunk=-1"):
         resolve("toy", "share", ["train.loss_chunk=-1"])
+
+
+def test_the_planner_knows_where_adamw_is_fused():
+    from tinylmm.memory.storage import FUSED_ADAMW_DEVICES
+    from tinylmm.train.optim import FUSED_DEVICES, adamw_implementation
+
+    assert FUSED_ADAMW_DEVICES == FUSED_DEVICES
+    p = nn.Parameter(torch.zeros(3))
+    assert adamw_implementation([{"params": [p]}], torch.device("cpu")) == "fused"
+    assert adamw_implementation([{"params": [p]}], torch.device("meta")) == "fused"  # the params' device decides
+    m = nn.Parameter(torch.zeros(3, device="meta"))
+    assert adamw_implementation([{"params": [m]}], torch.device("cpu")) == "foreach"

@@ -314,7 +314,7 @@ def test_cli_ls_and_show_json_and_tables():
     assert d["stage_defaults"]["share"]["tune"]["vision"] == "partial:6"  # the share recipe on an 11-layer tower
     out = runner.invoke(app, ["zoo", "show", "tinyllava-phi2-siglip-3.1b"], env={"COLUMNS": "160"})
     assert out.exit_code == 0, out.output
-    for text in ("3,186,937,120", "397,745,440", "729 per image", "1466.4", "TinyLLaVA_Factory", "16.08 GiB"):
+    for text in ("3,186,937,120", "397,745,440", "729 per image", "1466.4", "TinyLLaVA_Factory", "17.65 GiB"):
         assert text in out.output, text
     out = runner.invoke(app, ["ls", "presets"])  # the old listing still works
     assert out.exit_code == 0 and "qwen3-4b-siglip2-4.4b" in out.output
