@@ -60,10 +60,6 @@ TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num
 GiB = 2**30
 
 
-def _flow(d: dict) -> str:
-    return json.dumps(d)  # JSON is YAML: a config override's value
-
-
 def overrides(llm_hub: str, tiny: bool) -> list[str]:
     llm = json.loads(mem.arch_file(llm_hub).read_text())
     tower = json.loads(mem.arch_file(TOWER).read_text())
@@ -75,9 +71,9 @@ def overrides(llm_hub: str, tiny: bool) -> list[str]:
         "model.llm.name_or_path=null",
         "model.llm.tokenizer=builtin:toy",  # the batches are synthetic ids: any tokenizer with <image>
         "model.template=llama",  # the toy tokenizer's template
-        f"model.llm.config={_flow(llm)}",
+        f"model.llm.config={json.dumps(llm)}",  # JSON is YAML: an override's value
         "model.vision.name_or_path=null",
-        f"model.vision.config={_flow(tower)}",
+        f"model.vision.config={json.dumps(tower)}",
     ]
 
 

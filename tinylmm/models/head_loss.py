@@ -41,6 +41,13 @@ def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: floa
     return F.cross_entropy(logits.float(), t, reduction="sum")
 
 
+def _summed(head, hidden, targets, chunk, softcap) -> torch.Tensor:
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        total += _chunk_loss(head, hidden[s : s + chunk], targets[s : s + chunk], softcap)
+    return total
+
+
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -69,11 +76,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         ctx.head, ctx.chunk, ctx.softcap, ctx.params = head, chunk, softcap, params
         ctx.save_for_backward(hidden, targets)
         ctx.rng = _rng_state(hidden.device)  # backward replays the forward's dropout (a LoRA head's)
-        total = hidden.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
-            for s in range(0, hidden.shape[0], chunk):
-                total += _chunk_loss(head, hidden[s : s + chunk], targets[s : s + chunk], softcap)
-        return total
+            return _summed(head, hidden, targets, chunk, softcap)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -104,10 +108,7 @@ def _chunked(head, hidden, targets, chunk, softcap):
     params = [p for p in head.parameters() if p.requires_grad]
     if not params and not hidden.requires_grad:  # evaluation, or nothing to differentiate
         with torch.no_grad():
-            return sum(
-                _chunk_loss(head, hidden[s : s + chunk], targets[s : s + chunk], softcap)
-                for s in range(0, hidden.shape[0], chunk)
-            )
+            return _summed(head, hidden, targets, chunk, softcap)
     return ChunkedHeadLoss.apply(hidden, targets, head, chunk, softcap, *params)
 
 
