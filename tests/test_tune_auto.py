@@ -86,6 +86,10 @@ def test_overrides_win_over_the_choice():
     cfg, sources = auto(PHI2, overrides=["stages.share.tune.llm=full"])
     assert llm_modes(cfg) == {"pretrain": "frozen", "share": "full", "finetune": "lora"}
     assert sources["stages.share.tune.llm"] == "override" and "share: full micro-batch 1" in sources[HEADER_KEY]
+    # a later stage held to lora by an override: share cannot go 4-bit before it (qlora may not precede lora)
+    cfg, sources = auto(PHI2, budget_gib=12, overrides=["stages.finetune.tune.llm=lora"])
+    assert llm_modes(cfg) == {"pretrain": "frozen", "share": "lora", "finetune": "lora"}
+    assert "share: lora micro-batch 1 (plans 14.45 GiB of 12.00 GiB, over: nothing tried fits)" in sources[HEADER_KEY]
 
 
 def test_on_a_cpu_or_mps_the_recipes_modes_are_kept():
@@ -134,9 +138,9 @@ def test_the_choice_is_written_in_config_yaml_and_a_saved_config_keeps_it(tmp_pa
 def test_detect_device_reads_the_cuda_devices_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    props = SimpleNamespace(total_memory=25_386_352_640, name="NVIDIA GeForce RTX 4090")
+    props = SimpleNamespace(total_memory=25_757_220_864, name="NVIDIA GeForce RTX 4090")  # 24564 MiB
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
-    assert detect_device() == Device("cuda", 25_386_352_640, "NVIDIA GeForce RTX 4090")
+    assert detect_device() == Device("cuda", 25_757_220_864, "NVIDIA GeForce RTX 4090")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.xpu, "is_available", lambda: False)

@@ -14,7 +14,8 @@ batch the recipe asks for stays the batch each optimizer step sees.
 
 A stage's plan depends on the stages before it (adapters persist; after a qlora stage the
 base is 4-bit: tinylmm.trainability.structures), so each stage is planned with the
-choices made before it, and offered only the modes those allow. What the user set with an
+choices made before it, and offered only the modes those allow and that the later stages
+auto cannot change (a mode set by an override, a recipe's qlora) can follow. What the user set with an
 override (a stage's `tune.llm`, its `micro_batch_size`) is kept. When nothing fits, the
 stage keeps the last candidate (qlora, micro-batch 1) and the loop's plan warns as it
 always has. Devices the planner does not model (the CPU, mps, xpu) keep the recipe's
@@ -130,7 +131,8 @@ def _choose(cfg: RunConfig, sources: dict[str, str], budget: int, choice: TuneCh
     for stage in cfg.stages:
         before = _structure_before(cfg, stage)
         picked = None
-        for mode in candidates(original, sources, stage, before):
+        modes = candidates(original, sources, stage, before)
+        for mode in [m for m in modes if _later_stages_can_follow(cfg, sources, stage, m)] or modes:
             for b in micro_batches(original, sources, stage):
                 trial, trial_sources = retune_stage(cfg, sources, stage, llm=mode, micro_batch=b, source=SOURCE)
                 plan = _plan_stage(trial, stage, budget)
@@ -142,6 +144,22 @@ def _choose(cfg: RunConfig, sources: dict[str, str], budget: int, choice: TuneCh
         cfg, sources, made = picked  # nothing fits: the last candidate, and the loop warns
         choice.stages.append(made)
     return cfg, sources
+
+
+def _later_stages_can_follow(cfg: RunConfig, sources: dict[str, str], stage: str, mode: str) -> bool:
+    """Whether the later stages auto cannot change (a mode set by an override, a recipe's
+    qlora) may follow `stage` trained in `mode`: a 4-bit base admits only qlora after it,
+    and qlora may not follow lora (tinylmm.trainability.structures)."""
+    names = list(cfg.stages)
+    k = names.index(stage)
+    fixed = [n for n in names[k + 1 :] if len(candidates(cfg, sources, n, "plain")) == 1]
+    stages = {n: cfg.stages[n] for n in names[:k] + [stage] + fixed}
+    stages[stage] = dataclasses.replace(cfg.stages[stage], tune={**cfg.stages[stage].tune, "llm": mode})
+    try:
+        trainability.structures(dataclasses.replace(cfg, stages=stages), "llm")
+    except ConfigError:
+        return False
+    return True
 
 
 def _structure_before(cfg: RunConfig, stage: str) -> str:
