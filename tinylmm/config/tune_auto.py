@@ -15,10 +15,10 @@ batch the recipe asks for stays the batch each optimizer step sees.
 A stage's plan depends on the stages before it (adapters persist; after a qlora stage the
 base is 4-bit: tinylmm.trainability.structures), so each stage is planned with the
 choices made before it, and offered only the modes those allow and that the later stages
-auto cannot change (a mode set by an override, a recipe's qlora) can follow. What the user set with an
-override (a stage's `tune.llm`, its `micro_batch_size`) is kept. When nothing fits, the
-stage keeps the last candidate (qlora, micro-batch 1) and the loop's plan warns as it
-always has. Devices the planner does not model (the CPU, mps, xpu) keep the recipe's
+auto cannot change (a mode set by an override, a recipe's qlora) can follow. What the user
+set with an override (a stage's `tune.llm`, its `micro_batch_size`) is kept. When nothing
+fits, the stage keeps the last candidate (qlora, micro-batch 1) and the loop's plan warns
+as it always has. Devices the planner does not model (the CPU, mps, xpu) keep the recipe's
 modes. The choice is one line, announced before training and written at the top of the
 run's config.yaml; the values it changed name `--tune auto` as their layer.
 """
