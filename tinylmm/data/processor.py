@@ -20,6 +20,7 @@ from tinylmm.data.templates import (
     bind_template,
     tokenize_with_labels,
 )
+from tinylmm.data.tokenizer_files import save_tokenizer
 from tinylmm.errors import did_you_mean
 
 RESIZE_MODES = ("squash", "shortest", "shortest_floor", "longest")
@@ -230,7 +231,7 @@ class Processor:
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        self.tokenizer.save_pretrained(directory / "tokenizer")
+        save_tokenizer(self.tokenizer, directory / "tokenizer")
         self.image_processor.save(directory)
 
 
