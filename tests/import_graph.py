@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("memory", "eval", "convert"),
     ("config",),
-    ("train",),
+    ("train", "serve"),
     ("api",),
     ("cli", ""),  # "" is the package root, tinylmm/__init__.py
 ]

@@ -20,6 +20,7 @@ from tinylmm.api.commands import (
 )
 from tinylmm.api.launch import launch
 from tinylmm.api.launch import split_command as split_launch_command
+from tinylmm.api.serving import serve, serve_app
 
 zoo_select = zoo.select
 zoo_describe = zoo.describe
@@ -39,6 +40,8 @@ __all__ = [
     "plot_run",
     "register_zoo",
     "resolve_config",
+    "serve",
+    "serve_app",
     "split_launch_command",
     "train_run",
     "zoo",

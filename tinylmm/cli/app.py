@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, launch, listing, merge, plan, plot, train, zoo
+from tinylmm.cli import chat, convert, evaluate, launch, listing, merge, plan, plot, serve, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command("train")(train.train)
 app.command("chat")(chat.chat)
+app.command("serve")(serve.serve)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
