@@ -343,6 +343,14 @@ def test_a_body_that_is_not_json_and_an_unknown_path_get_json_errors(server):
         assert e.code == 404 and json.loads(e.read())["error"]["code"] == "not_found"
 
 
+def test_the_model_name_is_the_run_and_checkpoint_even_through_a_link(tmp_path):
+    (tmp_path / "run" / "finetune" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final").symlink_to("finetune/final")  # as a run's final/ is
+    assert api.serving.model_name(tmp_path / "run" / "final") == "run/final"
+    assert api.serving.model_name(tmp_path / "run" / "step-40") == "run/step-40"
+    assert api.serving.model_name(tmp_path / "merged-model") == "merged-model"
+
+
 def test_serve_app_refuses_bad_options(checkpoint):
     with pytest.raises(ConfigError, match="--max-batch must be at least 1"):
         api.serve_app(checkpoint, max_batch=0)

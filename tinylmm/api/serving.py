@@ -5,6 +5,7 @@ Both need the `serve` extra (FastAPI + uvicorn), imported when called."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ NEEDS = "tinylmm serve needs FastAPI and uvicorn: pip install 'tinylmm[serve]'"
 def model_name(model_dir) -> str:
     """What clients call the model: the checkpoint directory's name, with its run's name in
     front where that name says nothing alone (`runs/x/final` -> `x/final`)."""
-    path = Path(model_dir).resolve()
+    path = Path(os.path.abspath(model_dir))  # not resolve(): a run's final/ links to its last stage's
     if path.name == "final" or path.name.startswith("step-"):
         return f"{path.parent.name}/{path.name}"
     return path.name
