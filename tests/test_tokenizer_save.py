@@ -113,3 +113,23 @@ def test_a_save_that_reloads_differently_is_an_error_naming_the_directory(tmp_pa
     (saved / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerRoundTripError, match=r"saved.*reloads differently.*pipeline.*ids"):
         check_reload(tok, saved)
+
+
+def test_convert_keeps_a_legacy_tokenizers_multi_turn_ids(tmp_path):
+    """The case the issue found: a TinyLLaVA_Factory checkpoint whose tokenizer_config.json
+    says "legacy": true, converted and reloaded, gives the same two-turn prompt ids."""
+    from tinylmm import api
+    from tinylmm.convert import tinyllava
+
+    from test_tinyllava import write_tinyllava
+
+    src = write_tinyllava(tmp_path / "src", llm="llama")[0]
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    _, before, _ = tinyllava.build(src)
+    assert before.tokenizer.tokenize("</s>USER:")[:2] == ["</s>", "▁"]  # legacy: "▁" after a special token
+    tinyllava.convert(src, tmp_path / "out")
+    _, after = api.load(tmp_path / "out")
+    turns = [("human", "<image>\nWhat is it?"), ("gpt", "A circle."), ("human", "What color?")]
+    want = before.encode(turns, num_images=1, add_generation_prompt=True).input_ids
+    assert after.encode(turns, num_images=1, add_generation_prompt=True).input_ids == want
