@@ -351,6 +351,16 @@ def test_the_model_name_is_the_run_and_checkpoint_even_through_a_link(tmp_path):
     assert api.serving.model_name(tmp_path / "merged-model") == "merged-model"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_a_loopback_host_is_said_to_be_this_machine_only(host):
+    assert "only this machine can reach it" in api.serving.reach(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "example.org"])
+def test_any_other_host_is_said_to_be_reachable_without_authentication(host):
+    assert "other machines can reach it, and it has no authentication" in api.serving.reach(host)
+
+
 def test_serve_app_refuses_bad_options(checkpoint):
     with pytest.raises(ConfigError, match="--max-batch must be at least 1"):
         api.serve_app(checkpoint, max_batch=0)

@@ -63,6 +63,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def reach(host: str) -> str:
+    """Who can reach a server bound to `host`, as the start-up line says it."""
+    if is_loopback(host):
+        return f"bound to {host}: only this machine can reach it (--host 0.0.0.0 to listen on every interface)"
+    return f"bound to {host}: other machines can reach it, and it has no authentication"
+
+
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, console=None, **options) -> None:
     """Serve `model_dir` on host:port until interrupted. The default host is this machine
     only (127.0.0.1); the start-up line says where it listens and who can reach it."""
@@ -74,11 +81,7 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, console=None,
 
     console = console or Console(stderr=True)
     app = serve_app(model_dir, **options)
-    where = (
-        f"bound to {host}: only this machine can reach it (--host 0.0.0.0 to listen on every interface)"
-        if is_loopback(host)
-        else f"bound to {host}: other machines can reach it, and it has no authentication"
-    )
+    where = reach(host)
     console.print(
         f"[bold]serving {app.state.model_name}[/bold] at http://{host}:{port} (the chat page at /, "
         f"the OpenAI API at /v1), {where}",
