@@ -160,7 +160,7 @@ def train(
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
     result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
-    with StopRequests() as stop:
+    with StopRequests(announce=accel.is_main_process) as stop:
         _train_stages(accel, model, processor, cfg, stages, data, run_dir, resume_dir, attn, half, report, result, stop)
     if stop.signum:  # a signal during the last stage: its final/ is written; no evaluation
         if accel.is_main_process:
