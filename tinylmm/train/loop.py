@@ -31,7 +31,7 @@ from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
-from tinylmm.train import trainer_state
+from tinylmm.train import engines, process_rng, trainer_state
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
 from tinylmm.train.runtime import (
@@ -105,6 +105,7 @@ def train(
     # cpu=True when there is no accelerator: under `accelerate launch` (torchrun) this is
     # what makes accelerate form a gloo process group instead of N independent runs.
     _forget_previous_accelerator()
+    engines.refuse_where_it_cannot_run(cuda=torch.cuda.is_available(), accelerator=has_accelerator())
     accel = Accelerator(mixed_precision=precision, cpu=not has_accelerator())
     report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
     attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
@@ -279,7 +280,7 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
     trainable = [p for g in groups for p in g["params"]]
     batches = iter(loader)  # draws a seed from the global RNG: restore the RNG after it
     if state is not None:
-        ckpt.set_rng_state(state["rng"])  # dropout (e.g. LoRA's) continues where it stopped
+        process_rng.restore(state["rng"], accel.process_index)  # dropout (e.g. LoRA's) continues where it stopped
     losses = []
     bad_in_a_row = bad_steps = 0
     report.start_stage(name, steps.total_steps, start_step)
@@ -341,12 +342,13 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
 
 def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
     accel.wait_for_everyone()
+    rng = process_rng.gather(accel)  # collective: before the main process writes
     if accel.is_main_process:
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rng,
         }
 
         def write(d):
