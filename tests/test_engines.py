@@ -179,3 +179,61 @@ def test_two_ddp_processes_match_one_under_lora_and_resume_alike(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "processes: 2" in proc.stderr
     assert losses_of(run) == losses_of(ref)  # exactly: the same two processes, the same draws
+
+
+def qlora_model(tmp_path, extra=(), env=None):
+    """The tiny model through the base recipe's stages under --tune qlora, in accelerate
+    launch's environment `env`; -> the model, a batch, the 4-bit layers and the finetune notes."""
+    import bitsandbytes as bnb
+    import torch
+    from PIL import Image
+
+    from tinylmm.config import resolve
+    from tinylmm.models.assemble import build_model
+    from tinylmm.train.stages import prepare_stage
+
+    from conftest import model_inputs
+
+    overrides = TINY + tiny_stages(("pretrain", "finetune")) + ["lora.r=8", "lora.alpha=16", *extra]
+    cfg, _ = resolve("toy", "base", overrides, tune="qlora", output_dir=str(tmp_path))
+    torch.manual_seed(0)
+    model, processor = build_model(cfg.model)
+    with mock.patch.dict(os.environ, env or {}):
+        for name in cfg.stages:
+            _, notes = prepare_stage(model, cfg, name, tmp_path)
+    enc = processor.encode([("human", "<image>\nWhat color is the circle?"), ("gpt", "red")], num_images=1)
+    x = model_inputs(processor, enc, Image.new("RGB", (32, 32), (200, 20, 20)))
+    layers = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return model, x, layers, notes
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path):
+    import torch
+
+    from tinylmm.models.adapters import bnb_config
+    from tinylmm.schema import QuantSpec
+
+    plain, x, layers, notes = qlora_model(tmp_path / "plain")
+    assert {m.weight.dtype for m in layers} == {torch.uint8} and "stored as uint8" in notes[0]
+    env = launch_env(accelerate_configs.shipped()["fsdp2"])  # what accelerate launch sets for fsdp2.yaml
+    sharded, _, layers, notes = qlora_model(tmp_path / "fsdp", env=env)
+    assert {m.weight.dtype for m in layers} == {torch.bfloat16} == {m.weight.quant_storage for m in layers}
+    assert "compute bf16, stored as bfloat16" in notes[0]
+    # the same 4-bit values in another container: the same loss and gradients on this CPU
+    losses = []
+    for model in (plain, sharded):
+        model.eval()  # no dropout draws: the two models share their seeded init, not the later draws
+        loss = model(**x).loss_sum
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        losses.append((float(loss.detach()), grads))
+    assert losses[0][0] == losses[1][0]
+    assert losses[0][1].keys() == losses[1][1].keys()
+    assert all(torch.equal(g, losses[1][1][n]) for n, g in losses[0][1].items())
+    # an explicit quant.storage_dtype reaches BitsAndBytesConfig, FSDP or not
+    assert bnb_config(QuantSpec(storage_dtype="fp16")).bnb_4bit_quant_storage == torch.float16
+    assert bnb_config(QuantSpec(compute_dtype="fp32"), sharded=True).bnb_4bit_quant_storage == torch.float32
+    *_, layers, _ = qlora_model(tmp_path / "fp32", extra=["quant.storage_dtype=fp32"])
+    assert {m.weight.dtype for m in layers} == {torch.float32}
+    with pytest.raises(ConfigError, match="quant.storage_dtype=bf16 stores 4-bit weights; quant.bits=8"):
+        qlora_model(tmp_path / "int8", extra=["quant.bits=8", "quant.storage_dtype=bf16"])

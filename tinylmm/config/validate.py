@@ -52,6 +52,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
     if not cfg.lora.lr > 0:
         raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive")
+    if cfg.quant.bits == 8 and cfg.quant.storage_dtype != "auto":
+        raise ConfigError(
+            f"quant.storage_dtype={cfg.quant.storage_dtype} stores 4-bit weights; quant.bits=8 (LLM.int8) keeps int8"
+        )
     if cfg.train.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
     if cfg.train.max_bad_steps < 1:
