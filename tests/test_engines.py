@@ -237,3 +237,29 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path)
     assert {m.weight.dtype for m in layers} == {torch.float32}
     with pytest.raises(ConfigError, match="quant.storage_dtype=bf16 stores 4-bit weights; quant.bits=8"):
         qlora_model(tmp_path / "int8", extra=["quant.bits=8", "quant.storage_dtype=bf16"])
+
+
+@pytest.mark.parametrize("tune", [None, "lora"])
+def test_fsdp_auto_wrap_finds_the_decoder_and_encoder_layers(tmp_path, tune):
+    """accelerate's FSDP2 policy (TRANSFORMER_BASED_WRAP, fsdp2.yaml) reads the model's
+    `_no_split_modules`; each name must be a class it finds in the model, under adapters too."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from tinylmm.config import resolve
+    from tinylmm.models.assemble import build_model
+    from tinylmm.train.stages import prepare_stage
+
+    overrides = TINY + tiny_stages(("pretrain", "finetune")) + ["lora.r=8", "lora.alpha=16"]
+    cfg, _ = resolve("toy", "base", overrides, tune=tune, output_dir=str(tmp_path))
+    model, _ = build_model(cfg.model)
+    for name in cfg.stages:
+        prepare_stage(model, cfg, name, tmp_path)
+    assert model._no_split_modules == ["LlamaDecoderLayer", "SiglipEncoderLayer"]
+    assert all(get_module_class_from_name(model, n) is not None for n in model._no_split_modules)
+    with mock.patch.dict(os.environ, launch_env(accelerate_configs.shipped()["fsdp2"])):
+        policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), model)
+    wrapped = [type(m).__name__ for m in model.modules() if policy(m)]
+    # the tower's blocks up to its feature layer (-2: 3 of the 4), then the LLM's 2 layers
+    assert wrapped == ["SiglipEncoderLayer"] * 3 + ["LlamaDecoderLayer"] * 2
