@@ -8,7 +8,7 @@ import sys
 from unittest import mock
 
 import pytest
-from test_train import _env, _kill_after_checkpoint_script, losses_of
+from test_train import _env, _kill_script, losses_of
 
 from tinylmm import api
 from tinylmm.catalog import accelerate_configs
@@ -168,7 +168,7 @@ def test_two_ddp_processes_match_one_under_lora_and_resume_alike(tmp_path):
     # both processes run the kill script: after the collective checkpoint each one SIGKILLs itself
     script = tmp_path / "kill.py"
     script.write_text(
-        _kill_after_checkpoint_script(run, overrides, "finetune", 2, "lora").replace(
+        _kill_script(run, overrides, "finetune", 2, "lora").replace(
             "train_run(overrides=", "train_run(recipe='base', overrides="
         )
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tinylmm.config import resolve
+from tinylmm.train import checkpoint as ckpt
 from tinylmm.train.loop import train
 
 from conftest import TINY, tiny_stages
@@ -46,17 +47,29 @@ def test_tiny_share_run_literal_losses_and_layout(tmp_path, tiny_overrides):
     assert len(losses_of(run)) == 9
 
 
-def _kill_after_checkpoint_script(out: Path, overrides: list[str], stage: str, step: int, tune=None) -> str:
+def _kill_script(out: Path, overrides: list[str], stage: str, step: int, tune=None, mid_save=False) -> str:
+    """A run killed with SIGKILL right after the step-`step` checkpoint of `stage`, or in the
+    middle of writing it (`mid_save`: the weights written, the trainer state half written)."""
     return textwrap.dedent(f"""
         import os, signal
+        from pathlib import Path
         import tinylmm.train.loop as loop
+        from tinylmm.train import trainer_state
         from tinylmm.api import train_run
-        save = loop._save_step
+        save, save_state = loop._save_step, trainer_state.save
         def save_then_die(accel, model, processor, optimizer, scheduler, stage_dir, step):
             save(accel, model, processor, optimizer, scheduler, stage_dir, step)
             if stage_dir.name == {stage!r} and step == {step}:
                 os.kill(os.getpid(), signal.SIGKILL)
-        loop._save_step = save_then_die
+        def die_while_saving(state, directory):
+            if Path(directory).parent.name == {stage!r} and state["step"] == {step}:
+                (Path(directory) / trainer_state.TENSORS).write_bytes(b"half a file")
+                os.kill(os.getpid(), signal.SIGKILL)
+            save_state(state, directory)
+        if {mid_save!r}:
+            trainer_state.save = die_while_saving
+        else:
+            loop._save_step = save_then_die
         train_run(overrides={overrides!r}, output_dir={str(out)!r}, evaluate=False, tune={tune!r})
     """)
 
@@ -68,8 +81,9 @@ def _env():
 @pytest.mark.slow
 # qlora: the resumed run rebuilds the 4-bit base from the run's llm-base/, re-attaches the
 # LLM and vision adapters and loads their step-4 weights (TinyLLaVA_Factory issue #170).
-@pytest.mark.parametrize("tune", [None, "qlora"])
-def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
+# mid-save: killed while writing the step-4 checkpoint, the run resumes from step 2.
+@pytest.mark.parametrize(("tune", "mid_save"), [(None, True), ("qlora", False)])
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune, mid_save):
     overrides = TINY + tiny_stages(steps=5) + [f"stages.{s}.save_every=2" for s in ("pretrain", "share", "finetune")]
     tune_args = []
     if tune:
@@ -84,13 +98,18 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Killed with SIGKILL right after the step-4 checkpoint of the middle stage.
+    # Killed with SIGKILL right after (or in the middle of writing) the step-4 checkpoint of the middle stage.
     run = tmp_path / "run"
-    script = _kill_after_checkpoint_script(run, overrides, "share", 4, tune)
+    script = _kill_script(run, overrides, "share", 4, tune, mid_save)
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (run / "share" / "step-000004").exists() and not (run / "share" / "final").exists()
-    assert not list(run.glob("*/*.tmp"))
+    assert not (run / "share" / "final").exists()
+    if mid_save:  # the half-written checkpoint is left under its temporary name, which resume ignores
+        assert (run / "share" / "step-000004.tmp" / "model.safetensors").exists()
+        assert not (run / "share" / "step-000004").exists()
+        assert ckpt.latest_step(run / "share").name == "step-000002"
+    else:
+        assert (run / "share" / "step-000004").exists() and not list(run.glob("*/*.tmp"))
     # Resumed through the CLI.
     proc = subprocess.run(
         [sys.executable, "-m", "tinylmm.cli.app", "train", "--resume", str(run), "--no-eval"],
@@ -99,7 +118,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tune):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    assert ("resuming from" in proc.stderr) and (("step 2)" if mid_save else "step 4)") in proc.stderr)
     assert losses_of(run) == losses_of(ref)
     assert len(losses_of(run)) == 5 + 5 + 5
 

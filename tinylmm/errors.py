@@ -25,6 +25,15 @@ class DivergenceError(RuntimeError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
 
 
+class RunInterrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint; the message says how
+    to resume. `exit_code` is the shell's for the signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class TemplateMismatch(TemplateError):
     """The template cannot locate a sample's answers (e.g. the chat template rewrites them)."""
 

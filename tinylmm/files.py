@@ -1,6 +1,8 @@
 """Writing a directory so that a failure never leaves one that looks whole: it is written
 under a temporary name and renamed into place when complete, replacing what was there only
-then."""
+then. A write that fails (a full disk, an exception, a second Ctrl-C) removes its partial
+temporary folder, which also gives back the space it took, and leaves `dest` as it was.
+A SIGKILL mid-write leaves `<dest>.tmp`, which readers ignore and the next write replaces."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ def write_atomically(dest: Path, write) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -2,8 +2,10 @@
 
 One run is one `RunConfig`. `from_dict` builds it from plain mappings (YAML) and refuses
 an unknown key or a value of the wrong type with the key's full path and a suggestion;
-`to_dict` turns it back. stdlib + yaml only: which names exist (connectors, templates,
-benchmarks ...) is the registries' business, asked by `tinylmm.config.validate`.
+`to_dict` turns it back; `load_yaml` / `read_yaml` read the YAML those mappings come from
+(a malformed or unreadable file is a ConfigError naming it). stdlib + yaml only: which
+names exist (connectors, templates, benchmarks ...) is the registries' business, asked by
+`tinylmm.config.validate`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from tinylmm.errors import ConfigError, did_you_mean
 
@@ -228,6 +233,57 @@ ATOMIC_KEYS = {"data", "config"}
 COMPONENTS = ("vision", "connector", "llm")
 
 
+# --------------------------------------------------------------------------- YAML in
+
+
+def load_yaml(text: str, where: str):
+    """YAML text (a recipe, a zoo file, an override's value) as plain data; malformed YAML
+    and an alias inside its own anchor (`&a [*a]`: a structure that contains itself) are
+    ConfigErrors naming `where`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+    _refuse_cycles(data, where)
+    return data
+
+
+def read_yaml(path: Path, where: str | None = None):
+    """A YAML file's data; a file that cannot be read or is not UTF-8 is a ConfigError naming it."""
+    where = where or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, no permission ...
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
+    return text, load_yaml(text, where)
+
+
+def _refuse_cycles(data, where: str) -> None:
+    # iterative, each container once: aliases may share a node many times without a cycle
+    done: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    open_: set[int] = set()
+    while stack:
+        node, leaving = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if leaving:
+            open_.discard(id(node))
+            done.add(id(node))
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{where}: a YAML alias refers to its own anchor (the value would contain itself)")
+        if id(node) in done:
+            continue
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in (node.values() if isinstance(node, dict) else node))
+
+
 # --------------------------------------------------------------------------- typed build
 
 
@@ -274,7 +330,10 @@ def _coerce(tp, value, where: str):
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range (YAML reads 1000...0 as an int)
+            raise ConfigError(f"{where}: {value} is too large for a number") from None
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -20,6 +20,7 @@ are treated alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,10 +70,13 @@ def parse(text: str, where: str = "tune") -> Trainability:
     if text.startswith("partial:"):
         spec = text.split(":", 1)[1].strip()
         try:
-            float(spec[:-1]) if spec.endswith("%") else int(spec)
+            if spec.endswith("%") and not 0 <= float(spec[:-1]) <= 100:  # nan and inf fail too
+                raise ValueError(spec)
+            if not spec.endswith("%"):
+                int(spec)
         except ValueError:
             raise ConfigError(
-                f"{where}: '{text}' needs a layer index, e.g. partial:12, partial:-2 or partial:50%"
+                f"{where}: '{text}' needs a layer index, e.g. partial:12, partial:-2 or partial:50% (0-100%)"
             ) from None
         return Trainability("partial", spec)
     raise ConfigError(
@@ -130,9 +134,9 @@ def rates(stage: StageConfig) -> dict[str, float]:
 def check_rates(stage: StageConfig, where: str) -> None:
     for key in ("lr", "llm_lr", "connector_lr", "vision_lr"):
         value = getattr(stage, key)
-        if value is not None and not value > 0:
+        if value is not None and not 0 < value < math.inf:
             raise ConfigError(
-                f"{where}.{key}={value} must be positive (to keep a component as it is, "
+                f"{where}.{key}={value} must be positive and finite (to keep a component as it is, "
                 f"set {where}.tune.<component>: frozen)"
             )
 

@@ -19,6 +19,8 @@ from tinylmm.api.commands import (
     resolve_config,
     train_run,
 )
+from tinylmm.api.launch import launch
+from tinylmm.api.launch import split_command as split_launch_command
 
 zoo_select = zoo.select
 zoo_describe = zoo.describe
@@ -28,6 +30,7 @@ __all__ = [
     "ChatSession",
     "build",
     "convert_checkpoint",
+    "launch",
     "copy_recipe",
     "copy_shipped",
     "evaluate_checkpoint",
@@ -38,6 +41,7 @@ __all__ = [
     "plot_run",
     "register_zoo",
     "resolve_config",
+    "split_launch_command",
     "train_run",
     "zoo",
     "zoo_describe",

@@ -6,11 +6,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from tinylmm.errors import ConfigError, unknown
 from tinylmm.resources import resource
-from tinylmm.schema import RunConfig, StageConfig, from_dict
+from tinylmm.schema import RunConfig, StageConfig, from_dict, read_yaml
 
 
 @dataclass
@@ -46,16 +44,22 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise unknown("recipe", name_or_path, table)
         path = table[name_or_path]
         shipped_recipe = True
-    text = path.read_text()
-    data = yaml.safe_load(text) or {}
     where = str(path)
+    text, data = read_yaml(path, where)
+    if data is None:
+        data = {}
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
         raise ConfigError(f"{where}: a recipe needs a 'stages' mapping (stage name -> settings)")
-    for stage, values in data["stages"].items():
-        from_dict(StageConfig, values or {}, f"{where}:stages.{stage}")
+    # stage names are what overrides address (stages.<name>.lr=...): strings, as YAML `1:` reads
+    # an int; an empty stage (`share:`) takes the defaults
+    stages = {str(name): {} if values is None else values for name, values in data["stages"].items()}
+    if len(stages) != len(data["stages"]):
+        raise ConfigError(f"{where}: two stages have the same name ({', '.join(map(repr, data['stages']))})")
+    for stage, values in stages.items():
+        from_dict(StageConfig, values, f"{where}:stages.{stage}")
     run = {k: v for k, v in data.items() if k != "stages"}
     from_dict(RunConfig, dict(run), where)
-    return Recipe(path.stem, path, _description(text), data["stages"], run, shipped_recipe)
+    return Recipe(path.stem, path, _description(text), stages, run, shipped_recipe)
 
 
 def copy_recipe(name: str, dest: str | Path) -> Path:

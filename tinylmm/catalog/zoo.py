@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from tinylmm.catalog import recipes
 from tinylmm.catalog.families import LLM_FAMILIES, VISION_FAMILIES
 from tinylmm.errors import ConfigError, did_you_mean, unknown
 from tinylmm.resources import asset, resource
-from tinylmm.schema import ModelSpec, RunConfig, StageConfig, from_dict, to_dict
+from tinylmm.schema import ModelSpec, RunConfig, StageConfig, from_dict, read_yaml, to_dict
 
 SHIPPED = "model_zoo.yaml"
 COUNTS = "zoo_counts.json"  # tinylmm/assets/: every shipped preset's counts (scripts/update_zoo_counts.py)
@@ -89,6 +87,9 @@ def _parse(name: str, entry: dict, source: str = SHIPPED) -> Preset:
             raise ConfigError(f"unknown key '{where}.{key}'{did_you_mean(key, ENTRY_KEYS)}")
     if "model" not in entry:
         raise ConfigError(f"{where}: a preset needs a 'model' (llm, vision, connector, template)")
+    for key, kind in (("description", str), ("stage_defaults", dict), ("run", dict)):
+        if entry.get(key) is not None and not isinstance(entry[key], kind):
+            raise ConfigError(f"{where}.{key}: expected {'a mapping' if kind is dict else 'text'}, got {entry[key]!r}")
     info = from_dict(PresetInfo, {k: v for k, v in entry.items() if k in PresetInfo.__dataclass_fields__}, where)
     if source == SHIPPED:
         missing = [k for k in REQUIRED_SHIPPED if entry.get(k) is None]
@@ -106,7 +107,7 @@ def _parse(name: str, entry: dict, source: str = SHIPPED) -> Preset:
         raise unknown(f"recipe in {where}.recommended.recipe", info.recommended.recipe, recipes.shipped())
     preset = Preset(
         name=str(name),
-        description=entry.get("description", ""),
+        description=entry.get("description") or "",
         model=entry["model"],
         stage_defaults=entry.get("stage_defaults", {}) or {},
         run=entry.get("run", {}) or {},
@@ -122,10 +123,8 @@ def _parse(name: str, entry: dict, source: str = SHIPPED) -> Preset:
 
 
 def _read(path: Path, source: str) -> dict[str, Preset]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({e})") from None
+    _, raw = read_yaml(path, source)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of preset name -> entry")
     return {str(name): _parse(str(name), entry, source) for name, entry in raw.items()}

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, listing, merge, plan, plot, train, zoo
+from tinylmm.cli import chat, convert, evaluate, launch, listing, merge, plan, plot, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.command("ls")(listing.ls)
 app.command("cp")(listing.cp)
 app.command("plan")(plan.plan)
 app.command("plot")(plot.plot)
+app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(launch.launch)
 app.add_typer(zoo.app, name="zoo")
 
 

@@ -1,10 +1,15 @@
-"""Expected failures (bad config, missing data or model) end in one red line and exit 2."""
+"""Expected failures (bad config, missing data or model) end in one red line and exit 2.
+
+Under `accelerate launch` every process runs the same command and meets the same error:
+only the main one (RANK 0) prints it, and every one exits with the same code."""
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 
-from tinylmm.errors import ConfigError, DataError, DivergenceError, RunStateError, TemplateError
+from tinylmm.errors import ConfigError, DataError, DivergenceError, RunInterrupted, RunStateError, TemplateError
 
 # what a user can fix: one red line, exit 2 (anything else is a bug and keeps its traceback)
 USER_ERRORS = (
@@ -18,26 +23,41 @@ USER_ERRORS = (
 )
 
 
+def is_main_process() -> bool:
+    """RANK is set by torchrun (accelerate launch) for each process; absent: one process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, quiet=not is_main_process())
+
+
 def run_cli(app) -> int:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code here
     except SystemExit as e:  # typer/click exits (--help, usage errors)
         return int(e.code or 0)
     except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted")
+        _stderr().print("[yellow]interrupted")
         return 130
+    except RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was saved, the message says how to resume
+        from rich.markup import escape
+
+        _stderr().print(f"[yellow]interrupted:[/yellow] {escape(str(e))}", highlight=False)
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - sorted below
         import click
 
         if isinstance(e, click.exceptions.ClickException):
-            e.show()
+            if is_main_process():
+                e.show()
             return e.exit_code
         if isinstance(e, click.exceptions.Abort):
             return 1
         if isinstance(e, USER_ERRORS):
             from rich.markup import escape  # messages quote brackets: pip install 'tinylmm[openclip]'
 
-            Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+            _stderr().print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
             return 2
         raise
-    return 0
+    return code if isinstance(code, int) else 0

@@ -6,10 +6,8 @@ import copy
 import re
 from typing import Any
 
-import yaml
-
 from tinylmm.errors import ConfigError
-from tinylmm.schema import ATOMIC_KEYS
+from tinylmm.schema import ATOMIC_KEYS, load_yaml
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -17,13 +15,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
+    path = [p.strip() for p in key.strip().split(".")]
+    if path == [""]:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    if "" in path:
+        raise ConfigError(
+            f"override '{text}': the key '{key.strip()}' has an empty part (two dots, or a dot at an end)"
+        )
+    value = load_yaml(raw, f"override '{text}': value") if raw.strip() else None
     return path, yaml11_floats(value)
 
 
@@ -62,7 +61,7 @@ class Layers:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override '{'.'.join(path)}': '{p}' is a value, not a section")
             node = nxt
-        if isinstance(value, dict) and path[-1] not in ATOMIC_KEYS:
+        if isinstance(value, dict) and path[-1] not in ATOMIC_KEYS and isinstance(node.get(path[-1], {}), dict):
             self._merge(node.setdefault(path[-1], {}), value, source, list(path))
         else:
             self._forget(path)

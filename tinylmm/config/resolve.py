@@ -65,7 +65,7 @@ def layer_config(
     if llm is not None:
         layers.set(["model", "llm"], {"name_or_path": str(llm), "tokenizer": str(llm), "config": None}, "cli --llm")
     if vision is not None:
-        current = VisionSpec(name_or_path=layers.data["model"]["vision"].get("name_or_path"))
+        current = VisionSpec(name_or_path=(layers.data["model"].get("vision") or {}).get("name_or_path"))
         if current.backend != "transformers":
             # a `<backend>:<model>` tower keeps its architecture; its weights come from PATH
             layers.set(["model", "vision", "pretrained"], str(vision), "cli --vision")
@@ -79,6 +79,7 @@ def layer_config(
             raise unknown("stage in override", path[1], r.stages)
         layers.set(path, value, "override")
     if tune is not None:
+        from_dict(RunConfig, layers.data)  # the switch reads the stages: a mistyped key fails here, named
         apply_tune_switch(layers, tune)
     if output_dir is not None:
         layers.set(["output_dir"], output_dir, "cli")

@@ -4,6 +4,8 @@ anything is built or read."""
 
 from __future__ import annotations
 
+import math
+
 from tinylmm import trainability
 from tinylmm.data.templates import TEMPLATES
 from tinylmm.errors import ConfigError, unknown
@@ -37,25 +39,43 @@ def validate(cfg: RunConfig) -> None:
             trainability.mode(st, comp, where)
         if (st.data.json is None) == (st.data.shapes is None):
             raise ConfigError(f"{where}.data: give exactly one of 'json' (with 'images') or 'shapes'")
+        for key in ("batch_size", "micro_batch_size", "max_steps", "save_every"):
+            if getattr(st, key) is not None and getattr(st, key) < 1:
+                raise ConfigError(f"{where}.{key}={getattr(st, key)} must be >= 1")
         if st.batch_size % st.micro_batch_size:
             raise ConfigError(
                 f"{where}: batch_size {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size}"
             )
         trainability.check_rates(st, where)
-        if st.epochs <= 0 or st.max_len <= 0:
-            raise ConfigError(f"{where}: epochs and max_len must be positive")
+        if not (0 < st.epochs < math.inf) or st.max_len <= 0:  # written so that nan fails too
+            raise ConfigError(
+                f"{where}: epochs and max_len must be positive (epochs={st.epochs}, max_len={st.max_len})"
+            )
         if not 0 <= st.warmup_ratio < 1:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+        if not 0 <= st.weight_decay < math.inf:
+            raise ConfigError(f"{where}.weight_decay={st.weight_decay} must be >= 0 and finite")
+        if not 0 < st.max_grad_norm < math.inf:
+            raise ConfigError(f"{where}.max_grad_norm={st.max_grad_norm} must be positive and finite")
     for comp in ("vision", "llm"):
         trainability.structures(cfg, comp)
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
-    if not cfg.lora.lr > 0:
-        raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive")
+    if not 0 < cfg.lora.lr < math.inf:
+        raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive and finite")
     if cfg.quant.bits == 8 and cfg.quant.storage_dtype != "auto":
         raise ConfigError(
             f"quant.storage_dtype={cfg.quant.storage_dtype} stores 4-bit weights; quant.bits=8 (LLM.int8) keeps int8"
         )
+    for where, value, least in (
+        ("eval.batch_size", cfg.eval.batch_size, 1),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
+        ("train.num_workers", cfg.train.num_workers, 0),
+        *((f"shapes.{k}", getattr(cfg.shapes, k), 0) for k in ("n_caption", "n_instruct", "n_eval", "n_pope")),
+        ("shapes.image_size", cfg.shapes.image_size, 1),
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{where}={value} must be >= {least}")
     if cfg.train.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
     if cfg.train.max_bad_steps < 1:

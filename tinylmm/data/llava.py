@@ -45,7 +45,18 @@ def _images_of(sample: dict) -> list[str]:
     image = sample.get("image")
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise SampleError("bad image", f"'image' must be a path or a list of paths, got {image!r:.80}")
+    return images
+
+
+def _sample_id(sample, index: int) -> str:
+    """The sample's `id` (a string or a number), else its position in the file: `#<index>`."""
+    sid = sample.get("id") if isinstance(sample, dict) else None
+    if isinstance(sid, (str, int, float)) and not isinstance(sid, bool) and str(sid).strip():
+        return str(sid)
+    return f"#{index}"
 
 
 def _turns(sample: dict) -> list[tuple[str, str]]:
@@ -54,9 +65,14 @@ def _turns(sample: dict) -> list[tuple[str, str]]:
         raise SampleError("bad conversation", "no 'conversations' list")
     turns = []
     for i, turn in enumerate(convs):
-        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise SampleError("bad conversation", f"turn {i} needs 'from' (human/gpt) and a string 'value'")
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, no character at all
+            raise SampleError("bad conversation", f"turn {i}: 'value' is not valid Unicode text") from None
         turns.append((role, turn["value"]))
     if turns[0][0] == "gpt":  # some LLaVA data opens with the assistant; TinyLLaVA drops it too
         turns = turns[1:]
@@ -76,11 +92,15 @@ class LlavaDataset(Dataset):
         if not json_path.exists():
             raise DataError(f"dataset file '{json_path}' does not exist")
         try:
-            raw = json.loads(json_path.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(json_path.read_bytes())  # bytes: json finds UTF-8/16/32 itself
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"dataset file '{json_path}' is not valid JSON: {e}") from None
+        except (OSError, RecursionError) as e:  # a directory; nesting deeper than the parser goes
+            raise DataError(f"dataset file '{json_path}' cannot be read: {getattr(e, 'strerror', None) or e}") from None
         if not isinstance(raw, list):
             raise DataError(f"dataset file '{json_path}' must hold a JSON list of samples")
+        if not raw:
+            raise DataError(f"dataset file '{json_path}' holds no samples (an empty list)")
         self.image_folder = Path(image_folder) if image_folder else json_path.parent
         if not self.image_folder.is_dir():
             raise DataError(f"image folder '{self.image_folder}' (for {json_path}) does not exist")
@@ -88,7 +108,7 @@ class LlavaDataset(Dataset):
         self.report = SkipReport(str(json_path), total=len(raw))
         self.samples: list[tuple[str, Encoded, list[Path]]] = []
         for i, sample in enumerate(raw):
-            sid = str(sample.get("id", f"#{i}")) if isinstance(sample, dict) else f"#{i}"
+            sid = _sample_id(sample, i)
             try:
                 if not isinstance(sample, dict):
                     raise SampleError("bad conversation", "sample is not a JSON object")
@@ -129,7 +149,7 @@ class LlavaDataset(Dataset):
             try:
                 with Image.open(p) as im:
                     pixels.append(self.processor.image_processor(im))
-            except OSError as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable, not an image, too large
                 raise DataError(f"sample '{sid}': cannot read image '{p}': {e}") from None
         return enc, pixels
 

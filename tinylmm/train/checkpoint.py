@@ -8,19 +8,57 @@ killed mid-write never leaves a checkpoint that looks whole.
 
 from __future__ import annotations
 
+import errno
 import random
 import re
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tinylmm.errors import RunStateError
+from tinylmm.files import write_atomically
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def step_dir(stage_dir: Path, step: int) -> Path:
     return stage_dir / f"step-{step:06d}"
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"tinylmm train --resume {shlex.quote(str(run_dir))}"
+
+
+def write_checkpoint(accel, dest: Path, write, run_dir: Path) -> None:
+    """The main process writes `dest` atomically; every process calls this. A write that
+    fails (a full disk) leaves the checkpoints written before as they were, and stops every
+    process with a RunStateError that says what is intact and how to resume."""
+    failure = None
+    if accel.is_main_process:
+        try:
+            write_atomically(dest, write)
+        except OSError as e:
+            failure = e
+    failed = failure is not None
+    if accel.num_processes > 1:  # the others must not wait at the next barrier forever
+        failed = bool(accel.reduce(torch.tensor(int(failed), device=accel.device), reduction="max"))
+    if not failed:
+        return
+    if failure is None:
+        raise RunStateError(f"the main process could not write {dest}")
+    full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = "the disk is full" if full else (failure.strerror or str(failure))
+    kept = sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).glob("*/step-*") if STEP_RE.match(p.name))
+    kept += sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).glob("*/final") if p.is_dir())
+    raise RunStateError(
+        f"writing the checkpoint {dest} failed: {why} ({failure.__class__.__name__}: {failure}). Nothing "
+        f"written before was touched (checkpoints: {', '.join(kept) or 'none yet'}); "
+        + ("free some space, then " if full else "")
+        + f"resume with: {resume_command(run_dir)}"
+    )
 
 
 def rng_state() -> dict:

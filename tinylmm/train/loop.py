@@ -4,6 +4,11 @@ Each stage: trainability -> optimizer groups -> token-weighted steps with gradie
 accumulation, clipping, warmup + cosine -> step-N checkpoints -> final/. The next stage
 starts from the model as the previous one left it. `resume=True` continues from the last
 complete checkpoint with the same data order, optimizer and schedule state.
+
+Faults (README "Reliability"): a non-finite step updates nothing and `train.max_bad_steps`
+of them in a row stop the run; SIGINT/SIGTERM save a checkpoint at the next step boundary
+(tinylmm.train.interrupts); a checkpoint write that fails stops the run with the earlier
+checkpoints intact (tinylmm.train.checkpoint.write_checkpoint).
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from tinylmm import trainability
 from tinylmm.config import dump_resolved, load_resolved
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.shapes import write_shapes_dataset
-from tinylmm.errors import ConfigError, DivergenceError
+from tinylmm.errors import ConfigError, DivergenceError, RunInterrupted
 from tinylmm.eval import BENCHMARKS
-from tinylmm.files import write_atomically
 from tinylmm.memory import fmt_bytes, plan_run
 from tinylmm.models.assemble import build_model
 from tinylmm.models.checkpoint import restore_parts
@@ -32,6 +36,7 @@ from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train import engines, process_rng, trainer_state
+from tinylmm.train.interrupts import StopRequests
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
 from tinylmm.train.runtime import (
@@ -41,7 +46,7 @@ from tinylmm.train.runtime import (
     resolve_attention,
     resolve_precision,
 )
-from tinylmm.train.schedule import StageSampler, lr_lambda, stage_steps, step_indices
+from tinylmm.train.schedule import StageSampler, fit_micro_batches, lr_lambda, stage_steps, step_indices
 from tinylmm.train.stages import prepare_stage
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,13 @@ def train(
     report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
     attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
     report.note(f"precision: {precision_note}; attention: {attn_note}; processes: {accel.num_processes}")
+    # The global batch stays global: the micro-batch gives way to the number of processes.
+    sources = dict(sources or {})
+    for name, old, new in fit_micro_batches(cfg, accel.num_processes):
+        world, batch = accel.num_processes, cfg.stages[name].batch_size
+        why = f"{old} -> {new}, so that {new} x {world} processes divide batch_size {batch}"
+        report.note(f"stages.{name}: micro_batch_size {why}")
+        sources[f"stages.{name}.micro_batch_size"] = why
 
     if resume_dir is None:
         if accel.is_main_process:
@@ -118,7 +130,7 @@ def train(
                     f"'{run_dir}' already holds a run; use --resume {run_dir} or another --output-dir"
                 )
             run_dir.mkdir(parents=True, exist_ok=True)
-            dump_resolved(cfg, sources or {}, run_dir / "config.yaml")
+            dump_resolved(cfg, sources, run_dir / "config.yaml")
         accel.wait_for_everyone()
 
     if accel.is_main_process:  # before the model is built: building it may be what runs out
@@ -149,39 +161,16 @@ def train(
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
     result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
-
-    for index, (name, _) in enumerate(stages):
-        stage_dir = run_dir / name
-        final_dir = stage_dir / "final"
-        # The stage's structure (adapters, quantized LLM) first: a checkpoint loads into it.
-        with accel.main_process_first():  # the main process writes a base the others read
-            summary, notes = prepare_stage(
-                model, cfg, name, run_dir, device=accel.device, attn_implementation=attn, half_dtype=half
-            )
-        if cfg.train.gradient_checkpointing:
-            enable_checkpointing(model)
-        notes.append(configure_head_loss(model, cfg.train, accel.device))
-        for line in notes:
-            report.note(f"stage {name}: {line}")
-        if resume_dir is not None and (final_dir / "tinylmm.json").exists():
-            restore_parts(model, final_dir)
-            report.note(f"stage {name}: done earlier, continuing from {final_dir}")
-            continue
-        start_step, state = 0, None
-        last = ckpt.latest_step(stage_dir) if resume_dir is not None else None
-        if last is not None:
-            restore_parts(model, last)
-            state = trainer_state.load(last)
-            start_step = state["step"]
-            report.note(f"stage {name}: resuming from {last} (step {start_step})")
-        if resume_dir is not None:
-            report.truncate_metrics(name, start_step)
-        result.losses[name] = _train_stage(
-            accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report, summary
-        )
+    with StopRequests() as stop:
+        _train_stages(accel, model, processor, cfg, stages, data, run_dir, resume_dir, attn, half, report, result, stop)
+    if stop.signum:  # a signal during the last stage: its final/ is written; no evaluation
         if accel.is_main_process:
-            write_atomically(final_dir, lambda d: model.save(d, processor))
-        accel.wait_for_everyone()
+            ckpt.link_final(run_dir, stages[-1][0])
+        raise RunInterrupted(
+            f"every stage is trained ({run_dir / 'final'}); the evaluation was skipped: "
+            f"tinylmm eval {run_dir / 'final'}",
+            stop.exit_code,
+        )
 
     if accel.is_main_process:
         ckpt.link_final(run_dir, stages[-1][0])
@@ -212,6 +201,47 @@ def train(
     accel.end_training()
     report.close()
     return result
+
+
+def _train_stages(accel, model, processor, cfg, stages, data, run_dir, resume_dir, attn, half, report, result, stop):
+    """Every stage in order, each from where the previous one left the model."""
+    for index, (name, _) in enumerate(stages):
+        stage_dir = run_dir / name
+        final_dir = stage_dir / "final"
+        # The stage's structure (adapters, quantized LLM) first: a checkpoint loads into it.
+        with accel.main_process_first():  # the main process writes a base the others read
+            summary, notes = prepare_stage(
+                model, cfg, name, run_dir, device=accel.device, attn_implementation=attn, half_dtype=half
+            )
+        if cfg.train.gradient_checkpointing:
+            enable_checkpointing(model)
+        notes.append(configure_head_loss(model, cfg.train, accel.device))
+        for line in notes:
+            report.note(f"stage {name}: {line}")
+        if resume_dir is not None and (final_dir / "tinylmm.json").exists():
+            restore_parts(model, final_dir)
+            report.note(f"stage {name}: done earlier, continuing from {final_dir}")
+            continue
+        start_step, state = 0, None
+        last = ckpt.latest_step(stage_dir) if resume_dir is not None else None
+        if last is not None:
+            restore_parts(model, last)
+            state = trainer_state.load(last)
+            start_step = state["step"]
+            report.note(f"stage {name}: resuming from {last} (step {start_step})")
+        if resume_dir is not None:
+            report.truncate_metrics(name, start_step)
+        result.losses[name] = _train_stage(
+            accel, model, processor, cfg, index, name, data[name], stage_dir, start_step, state, report, summary, stop
+        )
+        ckpt.write_checkpoint(accel, final_dir, lambda d: model.save(d, processor), run_dir)
+        accel.wait_for_everyone()
+        if index < len(stages) - 1 and stop.requested(accel):
+            raise RunInterrupted(
+                f"{stop.name}: stopped after stage '{name}' (its final/ is written); resume with: "
+                f"{ckpt.resume_command(run_dir)}",
+                stop.exit_code,
+            )
 
 
 def device_memory(device: torch.device) -> int:
@@ -248,7 +278,9 @@ def _forget_previous_accelerator() -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report, summary):
+def _train_stage(
+    accel, model, processor, cfg, index, name, dataset, stage_dir, start_step, state, report, summary, stop
+):
     stage = cfg.stages[name]
     where = f"stages.{name}"
     steps = stage_steps(stage, len(dataset), accel.num_processes, where)
@@ -328,8 +360,15 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
                 f"writing this stage's final/ (its step checkpoints so far are intact). Lower "
                 f"stages.{name}.lr (now {stage.lr:g}) and train again"
             )
-        if stage.save_every and done % stage.save_every == 0 and done < steps.total_steps:
+        stopping = stop.requested(accel)  # SIGINT/SIGTERM: a checkpoint here, then stop
+        if done < steps.total_steps and (stopping or (stage.save_every and done % stage.save_every == 0)):
             _save_step(accel, model, processor, optimizer, scheduler, stage_dir, done)
+        if stopping and done < steps.total_steps:
+            raise RunInterrupted(
+                f"{stop.name}: stopped at stage '{name}' step {done}/{steps.total_steps}, checkpoint "
+                f"{ckpt.step_dir(stage_dir, done)}; resume with: {ckpt.resume_command(stage_dir.parent)}",
+                stop.exit_code,
+            )
     report.end_stage()
     if bad_steps:
         report.note(f"stage {name}: {bad_steps} step(s) with a non-finite loss or gradient norm made no update")
@@ -342,18 +381,17 @@ def _train_stage(accel, model, processor, cfg, index, name, dataset, stage_dir, 
 
 def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
     accel.wait_for_everyone()
-    rng = process_rng.gather(accel)  # collective: before the main process writes
-    if accel.is_main_process:
+    rng = process_rng.gather(accel)  # collective: every process's RNG state, before the main one writes
+
+    def write(d):  # on the main process
+        model.save(d, processor)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng,
         }
+        trainer_state.save(state, d)
 
-        def write(d):
-            model.save(d, processor)
-            trainer_state.save(state, d)
-
-        write_atomically(ckpt.step_dir(stage_dir, step), write)
+    ckpt.write_checkpoint(accel, ckpt.step_dir(stage_dir, step), write, stage_dir.parent)
     accel.wait_for_everyone()

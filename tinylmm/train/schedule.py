@@ -27,6 +27,30 @@ class StageSteps:
         return self.global_batch // (self.micro_batch * self.world_size)
 
 
+def fit_micro_batch(batch_size: int, micro: int, world_size: int, where: str) -> int:
+    """The largest micro-batch <= `micro` such that micro x processes divides the global
+    `batch_size` (which stays global: the accumulation steps make up the rest)."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"{where}: batch_size {batch_size} cannot be split evenly over {world_size} processes; "
+            f"make it a multiple of {world_size}"
+        )
+    per_process = batch_size // world_size
+    return max(m for m in range(1, min(micro, per_process) + 1) if per_process % m == 0)
+
+
+def fit_micro_batches(cfg, world_size: int) -> list[tuple[str, int, int]]:
+    """Lower each stage's micro-batch where the processes need it (`fit_micro_batch`), in
+    place. -> (stage, old, new) for each stage changed."""
+    changed = []
+    for name, stage in cfg.stages.items():
+        new = fit_micro_batch(stage.batch_size, stage.micro_batch_size, world_size, f"stages.{name}")
+        if new != stage.micro_batch_size:
+            changed.append((name, stage.micro_batch_size, new))
+            stage.micro_batch_size = new
+    return changed
+
+
 def stage_steps(stage: StageConfig, num_samples: int, world_size: int, where: str) -> StageSteps:
     per_step = stage.micro_batch_size * world_size
     if stage.batch_size % per_step:
