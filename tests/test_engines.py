@@ -94,6 +94,8 @@ def test_a_shipped_config_parses_with_accelerate_and_deepspeed(name):
         with pytest.raises(ConfigError, match="use the ddp config|Use the ddp config"):
             engines.refuse_where_it_cannot_run(cuda=False, accelerator=False, env=env)
         engines.refuse_where_it_cannot_run(cuda=True, accelerator=True, env=env)
+        assert "not yet trained under it" in engines.not_run_yet(env)  # said on GPUs, at the start
+    assert (engines.not_run_yet(env) is None) == (engines.requested(env) is None)
 
 
 @pytest.mark.parametrize("name", ["deepspeed-zero3-offload", "fsdp2"])

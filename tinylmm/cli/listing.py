@@ -34,9 +34,5 @@ def cp(
     from rich.console import Console
 
     kind, path = copy_shipped(name, dest)
-    run = (
-        f"tinylmm train --recipe {path}"
-        if kind == "recipe"
-        else f"accelerate launch --config_file {path} -m tinylmm.cli.app train ..."
-    )
+    run = f"tinylmm train --recipe {path}" if kind == "recipe" else f"tinylmm launch --config_file {path} train ..."
     Console().print(f"copied {kind} '{name}' to {path}; run it with: {run}")

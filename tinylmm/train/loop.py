@@ -115,6 +115,8 @@ def train(
     report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
     attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
     report.note(f"precision: {precision_note}; attention: {attn_note}; processes: {accel.num_processes}")
+    if untested := engines.not_run_yet():
+        report.warn(untested)
     # The global batch stays global: the micro-batch gives way to the number of processes.
     sources = dict(sources or {})
     for name, old, new in fit_micro_batches(cfg, accel.num_processes):
