@@ -148,8 +148,13 @@ DDP = TINY + tiny_stages(("pretrain", "finetune"), steps=3, batch=8, micro=2) + 
 
 @pytest.mark.slow
 def test_two_ddp_processes_match_one_under_qlora(tmp_path):
+    """Through `tinylmm launch` with the shipped ddp.yaml, as the README launches it."""
     one_process(tmp_path / "one", "qlora", DDP)
-    proc = launch(29542, *train_args(tmp_path / "two", "qlora", DDP))
+    ddp = accelerate_configs.shipped()["ddp"]
+    cmd = [sys.executable, "-m", "tinylmm.cli.app", "launch", "--config_file", str(ddp), "--main_process_port", "29542"]
+    proc = subprocess.run(
+        [*cmd, *train_args(tmp_path / "two", "qlora", DDP)[2:]], env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stderr and "(2 x 2 x 2 proc)" in proc.stderr and "4-bit nf4" in proc.stderr
     assert_same_losses(losses_of(tmp_path / "one"), losses_of(tmp_path / "two"))
