@@ -71,9 +71,11 @@ def not_run_yet(env: Mapping[str, str] = os.environ) -> str | None:
     if engine is None:
         return None
     gap = {
-        "fsdp": "step checkpoints and final/ read the model's state_dict(), which holds DTensor shards under FSDP2",
+        "fsdp": "FSDP2 shards the model in place, while tinylmm's stages change its structure between them "
+        "(adapters, 4-bit LLM, merges), and step checkpoints and final/ read state_dict(), DTensor shards there",
         "deepspeed": "tinylmm's loop prepares no DataLoader (train_micro_batch_size_per_gpu must be set) and "
-        "accumulates, clips and guards its steps itself, which DeepSpeed's engine also does",
+        "accumulates, clips and guards its steps itself, which DeepSpeed's engine also does; ZeRO-3 partitions "
+        "the parameters in place, while tinylmm's stages change the model's structure between them",
     }[engine]
     return (
         f"{describe(env)}: tinylmm has parsed this accelerate config but not yet trained under it (no GPU in its "
