@@ -27,6 +27,10 @@ class LLMSpec:
     name_or_path: str | None = None  # hub id or local directory (weights loaded from there)
     config: dict | None = None  # inline architecture config: random init (toy preset, tests)
     tokenizer: str | None = None  # hub id / directory / "builtin:toy"; default: name_or_path
+    # run the Python code a hub model ships for its own architecture (its config's auto_map),
+    # for the LLM and its tokenizer. That code runs with your rights: only for repositories
+    # you trust. Off: such a model is refused with an error naming this key.
+    trust_remote_code: bool = False
 
 
 BUILTIN_PREFIX = "builtin"  # `builtin:<name>`: a model shipped in tinylmm/assets/ (models/loading.py)

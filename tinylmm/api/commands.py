@@ -18,6 +18,11 @@ def register_zoo(path: str | Path | None) -> list[str]:
     return zoo.register(path) if path is not None else []
 
 
+# Presets that keep their recipe's modes when --tune is not given: the toy trains on a CPU
+# as written (its tests' literal losses); every other preset defaults to `--tune auto`.
+RECIPE_MODES_BY_DEFAULT = ("toy",)
+
+
 def resolve_config(
     preset: str = "toy",
     recipe: str = "share",
@@ -27,13 +32,36 @@ def resolve_config(
     llm: str | None = None,
     vision: str | None = None,
     config: str | Path | None = None,
+    device=None,
 ):
     """The validated run config of preset + recipe + overrides, or of a saved config.yaml
-    (`config`) with overrides on top. Returns (config, sources)."""
-    from tinylmm.config import from_saved, load_resolved, resolve, validate
+    (`config`) with overrides on top. Returns (config, sources). `tune`: full | lora |
+    qlora | auto; unset: auto except for the toy. `device` (a tinylmm.memory.Device) is what
+    auto plans for; default: the one this process would train on."""
+    cfg, sources, _ = _resolve(
+        preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config, device=device
+    )
+    return cfg, sources
 
+
+def _resolve(preset, recipe, overrides, *, tune, llm, vision, config, device):
+    """(config, sources, the `--tune auto` choice or None)."""
+    from tinylmm.config import TUNE_CHOICES, from_saved, load_resolved, resolve, validate
+
+    if tune is not None and tune not in TUNE_CHOICES:
+        raise unknown("--tune mode", tune, TUNE_CHOICES)
     if config is None:
-        return resolve(preset, recipe, list(overrides), tune=tune, llm=llm, vision=vision)
+        cfg, sources = resolve(
+            preset, recipe, list(overrides), tune=None if tune == "auto" else tune, llm=llm, vision=vision
+        )
+        if tune == "auto" or (tune is None and cfg.preset not in RECIPE_MODES_BY_DEFAULT):
+            from tinylmm.config.tune_auto import choose_tune
+            from tinylmm.memory import detect_device
+
+            cfg, sources, choice = choose_tune(cfg, sources, device or detect_device())
+            validate(cfg)
+            return cfg, sources, choice
+        return cfg, sources, None
     if tune is not None:
         raise ConfigError("--tune applies to a recipe; a saved --config already holds its stages' modes")
     if llm is not None or vision is not None:
@@ -43,7 +71,7 @@ def resolve_config(
         raise FileNotFoundError(f"config file '{path}' does not exist")
     cfg, sources = from_saved(load_resolved(path), path.name, overrides)
     validate(cfg)
-    return cfg, sources
+    return cfg, sources, None
 
 
 def train_run(
@@ -59,10 +87,13 @@ def train_run(
     tune: str | None = None,
     llm: str | None = None,
     vision: str | None = None,
+    device=None,
 ):
     """`tinylmm train`: resolve the config (or reload a saved one) and train. Returns a
     `RunResult`. `tune="lora"|"qlora"` trains the LLM with adapters wherever the recipe
-    trains it; `llm` / `vision` load that part from a local directory (or another hub id)."""
+    trains it; `"auto"` (the default but for the toy) picks per stage the first of full,
+    lora, qlora that fits `device` (default: the one detected), announced on `console`;
+    `llm` / `vision` load that part from a local directory (or another hub id)."""
     if resume is not None:
         if config is not None or overrides or tune is not None or llm is not None or vision is not None:
             raise ConfigError(
@@ -71,7 +102,13 @@ def train_run(
         from tinylmm.train.loop import train
 
         return train(resume_dir=resume, console=console, evaluate=evaluate)
-    cfg, sources = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config)
+    cfg, sources, choice = _resolve(
+        preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config, device=device
+    )
+    if choice is not None and os.environ.get("RANK", "0") == "0":  # once, before training
+        from rich.console import Console
+
+        (console or Console(stderr=True)).print(f"[bold]{choice.announcement()}[/bold]", highlight=False)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
         sources["output_dir"] = "cli"
@@ -94,12 +131,15 @@ def plan(
     budget: str | int = "24GB",
     device: str = "cuda",
 ):
-    """`tinylmm plan`: the memory plan of every stage of the run (no weights needed)."""
-    from tinylmm.memory import parse_size, plan_run
+    """`tinylmm plan`: the memory plan of every stage of the run (no weights needed), as
+    `tinylmm train` would resolve it on `device` with `budget`: `--tune auto` (the default
+    but for the toy) chooses for that device, and the plan's `tune_auto` says what it chose."""
+    from tinylmm.memory import Device, parse_size, plan_run
 
     budget_bytes = parse_size(budget)
-    cfg, _ = resolve_config(preset, recipe, overrides, tune=tune, llm=llm, vision=vision)
-    return plan_run(
+    target = Device(device, budget_bytes, f"the planned {device} device")
+    cfg, _, choice = _resolve(preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=None, device=target)
+    result = plan_run(
         cfg,
         seq_len=seq_len,
         micro_batch=micro_batch,
@@ -107,6 +147,9 @@ def plan(
         device=device,
         logit_positions=logit_positions,
     )
+    if choice is not None:
+        result.tune_auto = choice.announcement()
+    return result
 
 
 def load(path, **kwargs):

@@ -15,7 +15,11 @@ def plan(
     preset: str = typer.Option("toy", "--preset", "-p", help="model preset (tinylmm ls presets)"),
     recipe: str = typer.Option("share", "--recipe", "-r", help="recipe name or YAML file (tinylmm ls recipes)"),
     tune: Optional[str] = typer.Option(
-        None, "--tune", help="full | lora | qlora: how stages that train the LLM train it"
+        None,
+        "--tune",
+        help="auto | full | lora | qlora: how stages that train the LLM train it. auto, the default for every "
+        "preset but the toy: per stage the first of full, lora, qlora (and the recipe's micro-batch or a smaller "
+        "one) that fits --device cuda and --budget, as `tinylmm train` chooses on that GPU",
     ),
     llm: Optional[str] = typer.Option(
         None, "--llm", help="the preset's LLM from this local directory (its config.json is planned)"
@@ -68,6 +72,8 @@ def plan(
         f"[bold]memory plan[/bold]: preset {result.preset}, recipe {result.recipe}, {result.device}, "
         f"budget {fmt_bytes(result.budget)}" + (f", --tune {tune}" if tune else "")
     )
+    if result.tune_auto:  # what the tables below plan
+        out.print(f"[bold]{result.tune_auto}[/bold]", highlight=False)
     for table, stage in zip(result.rich_tables(), result.stages):
         out.print(table)
         for note in stage.notes:

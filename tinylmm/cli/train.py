@@ -17,8 +17,11 @@ def train(
         None,
         "--tune",
         "-t",
-        help="full | lora | qlora: how stages that train the LLM train it (lora/qlora: adapters at lora.lr, "
-        "TinyLLaVA's r128 a256 2e-4)",
+        help="auto | full | lora | qlora: how stages that train the LLM train it. auto, the default for every "
+        "preset but the toy (which keeps its recipe's modes): per stage the first of full, lora, qlora whose memory "
+        "plan fits the detected CUDA GPU, at the recipe's micro-batch or the largest smaller one that fits (global "
+        "batch unchanged), announced and written in config.yaml; on a CPU or mps the recipe's modes are kept. "
+        "lora/qlora: adapters at lora.lr, TinyLLaVA's r128 a256 2e-4",
     ),
     llm: Optional[str] = typer.Option(
         None, "--llm", help="load the preset's LLM (and its tokenizer) from this local directory or hub id"

@@ -9,7 +9,7 @@ saved with the layer that set each value (saving.py). The schema itself is tinyl
 from __future__ import annotations
 
 from tinylmm.config.layers import Layers, parse_override
-from tinylmm.config.resolve import TUNE_SWITCHES, apply_tune_switch, from_saved, layer_config
+from tinylmm.config.resolve import TUNE_CHOICES, TUNE_SWITCHES, apply_tune_switch, from_saved, layer_config
 from tinylmm.config.saving import dump_resolved, load_resolved
 from tinylmm.config.validate import validate
 from tinylmm.errors import ConfigError, did_you_mean, unknown
@@ -53,6 +53,7 @@ def resolve(
 
 __all__ = [
     "COMPONENTS",
+    "TUNE_CHOICES",
     "TUNE_SWITCHES",
     "ConfigError",
     "ConnectorSpec",

@@ -7,7 +7,8 @@
          shipped recipes only: a user's recipe file is taken as written)
       <- preset `run:` sections
       <- --llm / --vision, user overrides (`key=value`, dotted; stages are addressed by name)
-      <- --tune
+      <- --tune full|lora|qlora (`--tune auto`, which plans for a device, is
+         tinylmm.config.tune_auto's, on top of this)
 
 Every key is checked against the schema here (an unknown key is an error with a
 suggestion); names that registries own (connectors, templates, benchmarks ...) are checked
@@ -19,10 +20,12 @@ from __future__ import annotations
 from tinylmm.catalog import zoo
 from tinylmm.catalog.recipes import load_recipe
 from tinylmm.config.layers import Layers, parse_override
-from tinylmm.errors import unknown
+from tinylmm.errors import ConfigError, unknown
 from tinylmm.schema import RunConfig, VisionSpec, from_dict, to_dict
 
 TUNE_SWITCHES = ("full", "lora", "qlora")
+# `auto`: per stage, the first of full, lora, qlora that fits the device (config/tune_auto.py)
+TUNE_CHOICES = ("auto", *TUNE_SWITCHES)
 
 
 def layer_config(
@@ -93,21 +96,46 @@ def apply_tune_switch(layers: Layers, mode: str) -> None:
     mm_projector_lr 2e-5). `lr` keeps its meaning: every component's rate but those with
     their own. Values the user set with an override are kept. `--tune full` leaves the
     recipe as is."""
+    if mode == "auto":  # it plans for a device: above this registry-free module
+        raise ConfigError("--tune auto is chosen by tinylmm.config.tune_auto (tinylmm.api.resolve_config does)")
     if mode not in TUNE_SWITCHES:
-        raise unknown("--tune mode", mode, TUNE_SWITCHES)
+        raise unknown("--tune mode", mode, TUNE_CHOICES)
     if mode == "full":
         return
-    source = f"--tune {mode}"
-    lora_lr = float(layers.data.get("lora", {}).get("lr", 2e-4))
     for name, st in layers.data.get("stages", {}).items():
-        llm = str(st.get("tune", {}).get("llm", "frozen"))
-        if not (llm == "full" or llm.startswith("partial:")):
-            continue
-        if layers.set_by(["stages", name, "tune", "llm"], "override"):
-            continue
-        layers.set(["stages", name, "tune", "llm"], mode, source)
-        if not layers.set_by(["stages", name, "llm_lr"], "override"):
-            layers.set(["stages", name, "llm_lr"], lora_lr, source)
+        if trains_llm_weights(str(st.get("tune", {}).get("llm", "frozen"))):
+            if not layers.set_by(["stages", name, "tune", "llm"], "override"):
+                switch_stage_llm(layers, name, mode, f"--tune {mode}")
+
+
+def trains_llm_weights(mode: str) -> bool:
+    return mode == "full" or mode.startswith("partial:")
+
+
+def switch_stage_llm(layers: Layers, stage: str, mode: str, source: str) -> None:
+    """One stage's LLM to `mode`. Weights trained in full or in part that become adapters
+    take `lora.lr` as the stage's `llm_lr` (unless the user set it); lora -> qlora keeps
+    the stage's rates."""
+    st = layers.data["stages"][stage]
+    was = str(st.get("tune", {}).get("llm", "frozen"))
+    layers.set(["stages", stage, "tune", "llm"], mode, source)
+    if mode in ("lora", "qlora") and trains_llm_weights(was):
+        if not layers.set_by(["stages", stage, "llm_lr"], "override"):
+            layers.set(["stages", stage, "llm_lr"], float(layers.data.get("lora", {}).get("lr", 2e-4)), source)
+
+
+def retune_stage(
+    cfg: RunConfig, sources: dict[str, str], stage: str, *, llm: str, micro_batch: int, source: str
+) -> tuple[RunConfig, dict[str, str]]:
+    """`cfg` with one stage's LLM mode and micro-batch changed by `source` (`--tune auto`),
+    by the rules of `--tune`; values that did not change keep the layer that set them."""
+    layers = Layers()
+    layers.data, layers.sources = to_dict(cfg), dict(sources)
+    if llm != cfg.stages[stage].tune["llm"]:
+        switch_stage_llm(layers, stage, llm, source)
+    if micro_batch != cfg.stages[stage].micro_batch_size:
+        layers.set(["stages", stage, "micro_batch_size"], micro_batch, source)
+    return from_dict(RunConfig, layers.data), layers.sources
 
 
 def from_saved(config: RunConfig, name: str, overrides=()) -> tuple[RunConfig, dict[str, str]]:

@@ -11,12 +11,15 @@ from tinylmm.schema import ATOMIC_KEYS, RunConfig, from_dict, to_dict
 
 
 def dump_resolved(cfg: RunConfig, sources: dict[str, str], path: Path) -> None:
-    """Write the resolved config as YAML, each value annotated with the layer that set it."""
+    """Write the resolved config as YAML, each value annotated with the layer that set it.
+    A source key that starts with "#" is a comment line of the header (`# --tune auto: ...`,
+    the choice tinylmm.config.tune_auto made)."""
     lines = [
         "# tinylmm resolved run config. Layers, later wins: defaults < preset < recipe <",
         "# preset stage_defaults < override. The comment on a value names the layer that set it",
         "# (no comment: the default). Re-run with: tinylmm train --config THIS_FILE",
     ]
+    lines += [f"{key}: {' '.join(str(text).splitlines())}" for key, text in sources.items() if key.startswith("#")]
 
     def emit(node: dict, indent: int, prefix: str):
         for k, v in node.items():

@@ -29,6 +29,7 @@ from tinylmm.memory.arch import (
     embedded_archs,
 )
 from tinylmm.memory.components import ComponentState, component_state
+from tinylmm.memory.device import Device, detect_device
 from tinylmm.memory.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
@@ -49,6 +50,7 @@ __all__ = [
     "MiB",
     "Activations",
     "ComponentState",
+    "Device",
     "MetaModel",
     "RunPlan",
     "StagePlan",
@@ -60,6 +62,7 @@ __all__ = [
     "count_llm_parameters",
     "count_vision_parameters",
     "default_logit_positions",
+    "detect_device",
     "embedded_archs",
     "fmt_bytes",
     "parse_size",

@@ -102,6 +102,7 @@ class RunPlan:
     budget: int
     stages: list[StagePlan]
     notes: list[str] = field(default_factory=list)
+    tune_auto: str = ""  # what `--tune auto` chose for this device, when it chose the config planned
 
     @property
     def fits(self) -> bool:
@@ -115,6 +116,7 @@ class RunPlan:
             "budget": self.budget,
             "fits": self.fits,
             "notes": self.notes,
+            "tune_auto": self.tune_auto,
             "stages": [s.to_dict() for s in self.stages],
         }
 

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from tinylmm.errors import ConfigError, did_you_mean
 from tinylmm.files import write_atomically
 from tinylmm.models.llm import attention_for
+from tinylmm.models.loading import refusing_remote_code
 from tinylmm.schema import LoraSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -163,12 +164,19 @@ def load_llm(
     device=None,
     attn_implementation: str = "sdpa",
     dtype=None,
+    trust_remote_code: bool = False,
     sharded: bool = False,
 ) -> nn.Module:
-    """A causal LM from a directory, in full precision or quantized by bitsandbytes
-    (`sharded`: the run is under FSDP; see `storage_dtype`)."""
-    config = AutoConfig.from_pretrained(str(directory))
-    kwargs = {"attn_implementation": attention_for(config, attn_implementation)}
+    """A causal LM from a directory, in full precision or quantized by bitsandbytes.
+    `trust_remote_code`: the run's model.llm.trust_remote_code (a saved remote-code LLM keeps
+    its code beside its weights, and needs it again); `sharded`: the run is under FSDP (see
+    `storage_dtype`)."""
+    with refusing_remote_code("language model", directory):
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    kwargs = {
+        "attn_implementation": attention_for(config, attn_implementation),
+        "trust_remote_code": trust_remote_code,
+    }
     if quant is not None:
         _require("4-bit / 8-bit loading")
         kwargs.update(
@@ -206,7 +214,15 @@ def quantize_llm(
 
     _require("qlora")
     save_base(model.llm, base_dir)
-    llm = load_llm(base_dir, quant=quant, device=device, attn_implementation=attn_implementation, sharded=sharded)
+    remote = model.spec.llm.trust_remote_code
+    llm = load_llm(
+        base_dir,
+        quant=quant,
+        device=device,
+        attn_implementation=attn_implementation,
+        trust_remote_code=remote,
+        sharded=sharded,
+    )
     # Casts the non-quantized parameters (embeddings, norms, head) to fp32 for stable training.
     model.llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     model.llm_base, model.llm_quant = base_dir, quant
@@ -269,12 +285,12 @@ def has_vision_lora(model) -> bool:
 # --------------------------------------------------------------------------- merge
 
 
-def dequantized_base(llm: nn.Module, base_dir: Path) -> nn.Module:
+def dequantized_base(llm: nn.Module, base_dir: Path, trust_remote_code: bool = False) -> nn.Module:
     """The full-precision base with each quantized weight replaced by its dequantized
     value: the weights the adapters were trained against."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    plain = load_llm(base_dir, quant=None)
+    plain = load_llm(base_dir, quant=None, trust_remote_code=trust_remote_code)
     quantized = llm.get_base_model() if is_peft(llm) else llm
     targets = dict(plain.named_modules())
     for name, module in quantized.named_modules():
@@ -293,8 +309,9 @@ def merged_llm(model, adapter_dir: Path, *, full_precision_base: bool = False) -
     trained one did), or with `full_precision_base` the original one."""
     from peft import PeftModel
 
+    remote = model.spec.llm.trust_remote_code
     if is_quantized(model.llm) and not full_precision_base:
-        base = dequantized_base(model.llm, model.llm_base)
+        base = dequantized_base(model.llm, model.llm_base, remote)
     else:
-        base = load_llm(model.llm_base, quant=None)
+        base = load_llm(model.llm_base, quant=None, trust_remote_code=remote)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -115,7 +115,8 @@ def load(
     path = Path(path)
     meta = checkpoint.read_meta(path)
     spec = from_dict(ModelSpec, meta["model"], str(path / checkpoint.META))
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    remote = spec.llm.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), trust_remote_code=remote)
     quant = from_dict(QuantSpec, meta["llm_quantization"]) if meta.get("llm_quantization") else None
     if load_4bit and (quant is None or quant.bits != 4):
         quant = QuantSpec()
@@ -125,11 +126,23 @@ def load(
     elif base is not None:
         from peft import PeftModel  # optional: adapter checkpoints only
 
-        llm = adapters.load_llm(base, quant=quant, device=device, attn_implementation=attn_implementation, dtype=dtype)
+        llm = adapters.load_llm(
+            base,
+            quant=quant,
+            device=device,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+            trust_remote_code=remote,
+        )
         llm = PeftModel.from_pretrained(llm, str(path / "llm"))
     else:
         llm = adapters.load_llm(
-            path / "llm", quant=quant, device=device, attn_implementation=attn_implementation, dtype=dtype
+            path / "llm",
+            quant=quant,
+            device=device,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+            trust_remote_code=remote,
         )
     tower = backend_of(spec.vision).load(path / "vision", spec.vision, attn_implementation)
     model = assemble(spec, tokenizer=tokenizer, llm=llm, tower=tower)

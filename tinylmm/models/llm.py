@@ -70,11 +70,13 @@ def build_llm(spec: LLMSpec, *, dtype=None, attn_implementation: str = "sdpa") -
     if spec.name_or_path:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model")
+        remote = {"trust_remote_code": spec.trust_remote_code}
+        cfg = from_pretrained_or_fail(AutoConfig, spec.name_or_path, "language model", **remote)
         return from_pretrained_or_fail(
             AutoModelForCausalLM,
             spec.name_or_path,
             "language model",
+            **remote,
             dtype=dtype,
             attn_implementation=attention_for(cfg, attn_implementation),
         )
@@ -87,7 +89,7 @@ def build_tokenizer(spec: LLMSpec):
         raise ConfigError("model.llm.tokenizer is required when the LLM is built from an inline config")
     from transformers import AutoTokenizer
 
-    return from_pretrained_or_fail(AutoTokenizer, source, "tokenizer")
+    return from_pretrained_or_fail(AutoTokenizer, source, "tokenizer", trust_remote_code=spec.trust_remote_code)
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from tinylmm.errors import unknown
+from tinylmm.errors import ConfigError, unknown
 from tinylmm.resources import asset
 
 # `builtin:<name>`: models shipped inside the package, in a hub checkout's layout; made by
@@ -52,12 +53,28 @@ def from_pretrained_or_fail(cls, name: str, what: str, **kwargs):
     if path.exists() and not path.is_dir():
         raise ModelNotFoundError(f"the {what} path '{name}' is a file; give its directory")
     try:
-        return cls.from_pretrained(str(path) if path.exists() else name, **kwargs)
+        with refusing_remote_code(what, name):
+            return cls.from_pretrained(str(path) if path.exists() else name, **kwargs)
     except (OSError, ValueError) as err:
         # OSError: missing files / no cache entry; ValueError: transformers' "couldn't connect".
         if isinstance(err, ValueError) and "connect" not in str(err).lower() and "offline" not in str(err).lower():
             raise
         raise ModelNotFoundError(_missing_message(what, name, err)) from None
+
+
+@contextlib.contextmanager
+def refusing_remote_code(what: str, name):
+    """transformers' refusal of a model's own code (trust_remote_code off) as a ConfigError
+    that names tinylmm's key for it."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(
+            f"the {what} '{name}' ships its own Python code (its config's auto_map), which tinylmm "
+            "runs only with model.llm.trust_remote_code=true; set it only for a repository you trust"
+        ) from None
 
 
 def quiet_libraries() -> None:
