@@ -234,6 +234,7 @@ KNOWN = {
     "connectors": {"linear", "mlp2x_gelu", "resampler"},
     "templates": {"pretrain", "llama", "phi", "auto"},
     "benchmarks": {"shapes"},
+    "accelerate": {"ddp", "fsdp2", "deepspeed-zero3-offload"},
 }
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinylmm.catalog import recipes, zoo
+from tinylmm.catalog import accelerate_configs, recipes, zoo
 from tinylmm.errors import ConfigError, unknown
 
-LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks")
+LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks", "accelerate")
 
 
 def register_zoo(path: str | Path | None) -> list[str]:
@@ -297,6 +297,8 @@ def listing(kind: str) -> list[tuple[str, str]]:
         return [(p.name, p.description) for p in zoo.presets().values()]
     if kind == "recipes":
         return [(n, recipes.load_recipe(n).description) for n in recipes.shipped()]
+    if kind == "accelerate":
+        return [(n, accelerate_configs.description(p)) for n, p in accelerate_configs.shipped().items()]
     if kind == "templates":
         from tinylmm.data.templates import describe_templates
 
@@ -313,3 +315,13 @@ def listing(kind: str) -> list[tuple[str, str]]:
 def copy_recipe(name: str, dest) -> Path:
     """`tinylmm cp`: a shipped recipe copied to `dest` for editing; never overwrites."""
     return recipes.copy_recipe(name, dest)
+
+
+def copy_shipped(name: str, dest) -> tuple[str, Path]:
+    """`tinylmm cp NAME DEST`: a shipped recipe or accelerate config copied for editing
+    -> ("recipe" | "accelerate config", the copy). The two sets of names never overlap."""
+    if name in accelerate_configs.shipped():
+        return "accelerate config", accelerate_configs.copy(name, dest)
+    if name in recipes.shipped() or Path(name).suffix in (".yaml", ".yml"):
+        return "recipe", recipes.copy_recipe(name, dest)
+    raise unknown("recipe or accelerate config", name, [*recipes.shipped(), *accelerate_configs.shipped()])
