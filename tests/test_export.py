@@ -207,6 +207,53 @@ def test_what_llava_cannot_hold_is_refused(change, message, tmp_path):
         hf_llava.export(model, proc, tmp_path / "out")
 
 
+def test_open_clip_tower_is_refused(tmp_path):
+    from test_zoo_models import tiny_preset
+
+    _, spec = tiny_preset("tinyllava-tinyllama-openclip-clip-1.3b")  # skips where open_clip is missing
+    model, proc = build_model(spec)
+    with pytest.raises(hf_llava.ExportError, match="open_clip tower.*CLIP or SigLIP tower only"):
+        hf_llava.export(model, proc, tmp_path / "out")
+
+
+def test_imported_tinyllava_model_exports_with_image_token_row_and_clip_crop(tmp_path):
+    """A TinyLLaVA_Factory TinyLlama+CLIP model (`tinylmm convert`): its tokenizer fills the
+    embedding table, so `<image>` gets a zero row (LLaVA looks it up before replacing it), and
+    its CLIP preprocessing (square aspect) is the shortest edge + centre crop."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tinylmm.convert import tinyllava
+
+    from test_tinyllava import write_tinyllava
+
+    src, _, _ = write_tinyllava(tmp_path / "tl", llm="llama", vision="clip", aspect="square")
+    model, proc, _ = tinyllava.build(src)
+    model.eval()
+    assert proc.image_processor.resize == "shortest_floor" and not proc.image_processor.pad_to_square
+    rows = model.llm.get_input_embeddings().num_embeddings
+    assert proc.image_token_id == rows  # past the table
+    notes = hf_llava.export(model, proc, tmp_path / "out")
+    assert any(f"embedding grown {rows} -> {rows + 1}" in n for n in notes)
+    pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert pre["do_center_crop"] and pre["size"] == {"shortest_edge": 32} and not pre["do_pad"]
+    hf_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    hf_proc = AutoProcessor.from_pretrained(tmp_path / "out")
+    ours = proc.prompt(TURNS, [IMAGE])
+    theirs = hf_proc(
+        images=IMAGE,
+        text=hf_proc.apply_chat_template(hf_messages("What color is the circle?"), add_generation_prompt=True),
+        return_tensors="pt",
+    )
+    assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
+    torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logits, hf_logits = model(**ours).logits, hf_model(**theirs).logits
+    assert hf_logits.shape[-1] == rows + 1 and (hf_logits[..., rows] == 0).all()
+    assert (logits - hf_logits[..., :rows]).abs().max() < 1e-4
+    new = model.generate(**ours, max_new_tokens=6, eos_token_id=proc.stop_token_ids)
+    assert hf_model.generate(**theirs, max_new_tokens=6)[:, ours["input_ids"].shape[1] :].tolist() == new.tolist()
+
+
 # --------------------------------------------------------------------------- TinyLLaVA_Factory's layout
 
 HUB_IDS = {  # what the presets are built from: TinyLLaVA_Factory rebuilds their configs from these names

@@ -17,9 +17,11 @@ read:
     model.safetensors         language_model.model.*, language_model.lm_head.* (left out when
                               tied), vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*
     generation_config.json    the stop tokens of the model's template (end of turn, and eos)
-    preprocessor_config.json  LlavaImageProcessor; processor_config.json (patch_size,
-                              num_additional_image_tokens, the selection); chat_template.jinja;
-                              the tokenizer (saved by transformers, as tinylmm saves it)
+    processor_config.json     LlavaProcessor: patch_size, num_additional_image_tokens, the
+                              selection, and the image processor (LlavaImageProcessor), which
+                              preprocessor_config.json holds too (the classic layout)
+    chat_template.jinja       the model's conversation format; the tokenizer (saved by
+                              transformers, as tinylmm saves it)
 
 The weight names are the pre-v4.52 llava-hf ones. transformers 5 renames them on load
 (conversion_mapping.py, "llava": `^language_model.lm_head` -> `lm_head`, `^language_model`
@@ -344,6 +346,9 @@ def save_processor(processor, model, out: Path) -> None:
         num_additional_image_tokens=int(model.vision.has_cls),
     )
     llava.save_pretrained(str(out))
+    # transformers 5 nests the image processor in processor_config.json; older readers (the
+    # transformers vLLM pins, lmms-eval) look for the classic file
+    image_processor.to_json_file(str(out / "preprocessor_config.json"))
 
 
 def save_generation_config(processor, out: Path) -> None:
