@@ -104,6 +104,13 @@ def hf_messages(question: str):
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
+def with_image(messages):
+    """The messages with IMAGE in their image parts (what apply_chat_template(tokenize=True) loads)."""
+    return [
+        {**m, "content": [dict(c, image=IMAGE) if c["type"] == "image" else c for c in m["content"]]} for m in messages
+    ]
+
+
 CASES = [(f, t) for f in FAMILY_PRESET for t in TOWERS] + [("qwen2.5", "siglip-drop_first")]
 
 
@@ -136,17 +143,18 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(family, tower,
     rendered = hf_proc.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == text.replace("<image>", "<image>" + separator)
     theirs = hf_proc.apply_chat_template(
-        [
-            {"role": m["role"], "content": [dict(c, image=IMAGE) if c["type"] == "image" else c for c in m["content"]]}
-            for m in messages
-        ],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
+        with_image(messages), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
     torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"], atol=1e-5, rtol=0)
+    # a second turn: the first answer and its end token, then the next question
+    history = TURNS + [("gpt", "It is red."), ("human", "And the square?")]
+    more = with_image(messages) + [
+        {"role": "assistant", "content": [{"type": "text", "text": "It is red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the square?"}]},
+    ]
+    two_turns = hf_proc.apply_chat_template(more, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert two_turns["input_ids"] == proc.prompt(history, [IMAGE])["input_ids"].tolist()
 
     with torch.no_grad():
         logits = model(**ours).logits
