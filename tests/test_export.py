@@ -65,13 +65,15 @@ def tiny_model(family: str, tower: str, select: str = "patch"):
 # installed here): weights under these prefixes (its hf_to_vllm_mapper maps the transformers-5
 # names onto them, and its CLIP/SigLIP towers hold the transformer under `vision_model`);
 # the tower built up to `vision_feature_layer` (`_get_layer_index`); image tokens per image
-# its encoder info's count (CLIP grid**2 + 1, SigLIP grid**2) less 1 for `default`.
+# its encoder info's count (CLIP grid**2 + 1, SigLIP grid**2) less 1 for `default`; the
+# projector's activation one of its get_act_fn's (layers/activation.py).
 VLLM_PREFIXES = (
     "language_model.model.",
     "language_model.lm_head.",
     "vision_tower.vision_model.",
     "multi_modal_projector.",
 )
+VLLM_ACTS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh", "relu", "relu2", "silu", "quick_gelu")
 VLLM_TOWER_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.layers.", "post_layernorm.")
 
 
@@ -80,7 +82,8 @@ def check_vllm_layout(out, text_arch: str):
     vision, layer = cfg["vision_config"], cfg["vision_feature_layer"]
     assert cfg["text_config"]["architectures"] == [text_arch]  # vLLM picks the LM class by it
     assert isinstance(layer, int) and cfg["vision_feature_select_strategy"] in ("default", "full")
-    assert {"image_token_index", "projector_hidden_act", "multimodal_projector_bias"} <= set(cfg)
+    assert {"image_token_index", "multimodal_projector_bias"} <= set(cfg)
+    assert cfg["projector_hidden_act"] in VLLM_ACTS
     layers = vision["num_hidden_layers"] + layer + 1 if layer < 0 else layer
     grid = vision["image_size"] // vision["patch_size"]
     tokens = grid**2 + (vision["model_type"] == "clip_vision_model")

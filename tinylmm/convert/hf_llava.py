@@ -46,7 +46,10 @@ where torchvision is absent).
 What LLaVA cannot hold is refused (ExportError names it and why):
 - an open_clip or DINOv2 tower: LLaVA's vision_config is a transformers CLIP or SigLIP
   model (vLLM's llava.py builds only CLIP, SigLIP and Pixtral towers);
-- a connector other than mlp2x_gelu: LlavaMultiModalProjector is Linear-act-Linear;
+- a connector other than mlp2x_gelu: LlavaMultiModalProjector is Linear-act-Linear (`linear`
+  would need an identity act: transformers' ACT2FN has "linear", vLLM's get_act_fn does not
+  (layers/activation.py: gelu, gelu_fast, gelu_new, gelu_pytorch_tanh, relu, relu2, silu,
+  quick_gelu));
 - an LM head with a bias (Phi-2): LlavaForConditionalGeneration's lm_head is
   `nn.Linear(..., bias=False)`;
 - a template of captions only (pretrain): no conversation to render.
@@ -104,7 +107,8 @@ def check(model, processor) -> None:
     if model.spec.connector.type not in CONNECTORS:
         raise ExportError(
             f"connector '{model.spec.connector.type}' has no LLaVA equivalent: LlavaMultiModalProjector is "
-            "Linear-GELU-Linear (mlp2x_gelu)"
+            "Linear-GELU-Linear (mlp2x_gelu); one linear layer would need an identity activation, which vLLM's "
+            "get_act_fn does not have"
         )
     head = model.llm.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
