@@ -74,13 +74,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tinylmm.data.templates import IMAGE_TOKEN, ChatTemplate, Template
+from tinylmm.data.templates.core import FIXED_DATE  # the date tinylmm's `auto` template renders with
 from tinylmm.errors import ConfigError
 
 CONNECTORS = {"mlp2x_gelu": ("mlp.0.", "mlp.2.")}  # ours -> LLaVA's linear_1, linear_2
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL's numbers, as preprocessor_config.json stores them
-# `enable_thinking` and `date_string` as tinylmm's `auto` template renders (data/templates/core.py)
-FIXED_DATE = "26 Jul 2024"
 
 
 class ExportError(ConfigError):
