@@ -175,6 +175,27 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(family, tower,
     assert hf_new.tolist() == new.tolist()
 
 
+def test_weights_are_written_here_because_transformers_drops_vision_model(tmp_path):
+    """Why the export writes its own safetensors: a LlavaForConditionalGeneration built in
+    memory and saved by transformers 5 writes the tower as `vision_tower.embeddings.*`, a name
+    vLLM's hf_to_vllm_mapper does not bring under its towers' `vision_model` (a model loaded
+    from llava-hf names is saved back with them); the export keeps `vision_tower.vision_model.*`."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    model, proc = tiny_model("qwen2.5", "siglip")
+    hf_llava.export(model, proc, tmp_path / "ours")
+    built = LlavaForConditionalGeneration(AutoConfig.from_pretrained(tmp_path / "ours"))
+    built.load_state_dict(AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").state_dict())
+    built.save_pretrained(tmp_path / "theirs")
+    keys = {}
+    for name in ("ours", "theirs"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            keys[name] = {k for k in f.keys() if k.startswith("vision_tower.")}
+    assert keys["ours"] and all(k.startswith("vision_tower.vision_model.") for k in keys["ours"])
+    assert not any(k.startswith("vision_tower.vision_model.") for k in keys["theirs"])
+    assert {k.replace("vision_tower.vision_model.", "vision_tower.") for k in keys["ours"]} == keys["theirs"]
+
+
 # --------------------------------------------------------------------------- refused
 
 

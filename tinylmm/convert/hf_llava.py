@@ -27,9 +27,10 @@ The weight names are the pre-v4.52 llava-hf ones. transformers 5 renames them on
 (conversion_mapping.py, "llava": `^language_model.lm_head` -> `lm_head`, `^language_model`
 -> `model.language_model`, `^vision_tower` -> `model.vision_tower`, `^multi_modal_projector`
 -> `model.multi_modal_projector`; "LlavaModel": `^language_model.model` -> `language_model`;
-"CLIPVisionModel" (SiglipVisionModel too): the `vision_model` prefix removed). Its own
-save_pretrained writes `vision_tower.embeddings.*` without `vision_model.`, which vLLM's
-loader does not map: vLLM's llava.py `hf_to_vllm_mapper` maps `model.vision_tower.` to
+"CLIPVisionModel" (SiglipVisionModel too): the `vision_model` prefix removed). A
+LlavaForConditionalGeneration built in memory and saved by transformers 5 gets
+`vision_tower.embeddings.*`, without `vision_model.` (measured: tests/test_export.py), which
+vLLM's loader does not map: vLLM's llava.py `hf_to_vllm_mapper` maps `model.vision_tower.` to
 `vision_tower.`, and its CLIPVisionModel / SiglipVisionModel hold the transformer under
 `vision_model` (clip.py, siglip.py). So the weights are written here, not by save_pretrained.
 
