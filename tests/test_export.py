@@ -114,7 +114,11 @@ def with_image(messages):
     ]
 
 
-CASES = [(f, t) for f in FAMILY_PRESET for t in TOWERS] + [("qwen2.5", "siglip-drop_first")]
+# and the other selections: SigLIP without token 0 (LLaVA's `default`), CLIP with its CLS (`full`)
+CASES = [(f, t) for f in FAMILY_PRESET for t in TOWERS] + [
+    ("qwen2.5", "siglip-drop_first"),
+    ("qwen2.5", "clip-cls_patch"),
+]
 
 
 @pytest.mark.parametrize("family,tower", CASES)
