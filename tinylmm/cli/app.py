@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, launch, listing, merge, plan, plot, train, zoo
+from tinylmm.cli import chat, convert, evaluate, export, launch, listing, merge, plan, plot, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("chat")(chat.chat)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
+app.command("export")(export.export)
 app.command("ls")(listing.ls)
 app.command("cp")(listing.cp)
 app.command("plan")(plan.plan)
