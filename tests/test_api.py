@@ -167,6 +167,38 @@ def test_merge_checkpoint_folds_the_adapters_in_and_never_overwrites(run, tmp_pa
     assert default == (out / "share" / "final-merged").resolve() and not read_meta(default)["llm_base"]
 
 
+def test_export_checkpoint_merges_the_adapters_and_loads_in_plain_transformers(run, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, _ = run
+    exported, notes = api.export_checkpoint(out / "final", tmp_path / "llava", to="hf-llava")
+    assert exported == tmp_path / "llava" and any("visual tokens" in n for n in notes)
+    hf_model = AutoModelForImageTextToText.from_pretrained(exported).eval()
+    hf_proc = AutoProcessor.from_pretrained(exported)
+    trained, processor = api.load(out / "final")
+    with Image.open(eval_image(out)) as im:
+        image = im.convert("RGB")
+    prompt = processor.prompt([("human", QUESTION)], [image])
+    with torch.no_grad():
+        hf_logits = hf_model(**prompt).logits
+    # the LoRA run's answer, through transformers' LLaVA (the adapters folded in)
+    torch.testing.assert_close(hf_logits, logits(trained, processor, image), rtol=1e-4, atol=1e-4)
+    inputs = hf_proc(
+        images=image,
+        text=hf_proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}],
+            add_generation_prompt=True,
+        ),
+        return_tensors="pt",
+    )
+    assert inputs["input_ids"].tolist() == prompt["input_ids"].tolist()
+    with pytest.raises(FileExistsError, match="not overwriting"):
+        api.export_checkpoint(out / "final", exported, to="hf-llava")
+    with pytest.raises(ConfigError, match="unknown export format.*did you mean 'hf-llava'"):
+        api.export_checkpoint(out / "final", tmp_path / "x", to="hf-lava")
+    assert not (tmp_path / "x").exists()
+
+
 def test_resolve_config_reloads_a_saved_config_with_overrides(run, tmp_path):
     out, _ = run
     saved = out / "config.yaml"
@@ -234,6 +266,7 @@ KNOWN = {
     "connectors": {"linear", "mlp2x_gelu", "resampler"},
     "templates": {"pretrain", "llama", "phi", "auto"},
     "benchmarks": {"shapes"},
+    "accelerate": {"ddp", "fsdp2", "deepspeed-zero3-offload"},
 }
 
 

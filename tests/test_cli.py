@@ -65,12 +65,16 @@ def test_ls_and_cp(tmp_path):
         ("recipes", "share"),
         ("connectors", "resampler"),
         ("templates", "pretrain"),
+        ("accelerate", "fsdp2"),
     ]:
         out = tinylmm("ls", kind)
         assert out.returncode == 0 and name in out.stdout
     out = tinylmm("cp", "base", str(tmp_path / "mine.yaml"))
     assert out.returncode == 0 and (tmp_path / "mine.yaml").exists()
     assert tinylmm("cp", "base", str(tmp_path / "mine.yaml")).returncode == 2
+    out = tinylmm("cp", "deepspeed-zero3-offload", str(tmp_path))
+    assert out.returncode == 0 and "tinylmm launch --config_file" in " ".join(out.stdout.split())
+    assert (tmp_path / "deepspeed-zero3-offload.yaml").exists()
 
 
 @pytest.fixture(scope="module")

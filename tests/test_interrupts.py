@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,36 +173,59 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+def _wait_for(path: Path, pattern: str, proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and re.search(pattern, path.read_text()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} never appeared in {path} (exit {proc.poll()})")
+
+
 @pytest.mark.slow
-def test_the_readmes_multi_process_command_runs_and_a_failure_prints_once(tmp_path):
+def test_the_readmes_multi_process_command_stops_on_ctrl_c_resumes_and_a_failure_prints_once(tmp_path):
     cmd = _readme_launch_command()  # e.g. launch --num_processes 2 train --recipe share
     assert "--num_processes" in cmd and "train" in cmd
-    port = ["--main_process_port", "29551"]
-    # As written, on the tiny config: 8 samples a step, micro-batch 8 (8 x 2 does not divide 8).
-    tiny = TINY + tiny_stages(steps=2, batch=8, micro=8) + ["--no-eval", "-o", str(tmp_path / "run")]
     i = cmd.index("train")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tinylmm.cli.app", *cmd[:i], *port, *cmd[i:], *tiny],
+    launch = [sys.executable, "-m", "tinylmm.cli.app", *cmd[:i], "--main_process_port", "29551"]
+    # As written, on the tiny config: 8 samples a step at micro-batch 8 (8 x 2 does not
+    # divide 8); finetune long enough to be interrupted in the middle.
+    tiny = TINY + tiny_stages(steps=2, batch=8, micro=8) + ["stages.finetune.max_steps=60", "stages.finetune.epochs=10"]
+    ref = tmp_path / "ref"
+    cfg, sources = resolve("toy", "share", tiny, output_dir=str(ref))
+    train(cfg, sources, evaluate=False)
+    run = tmp_path / "run"
+    # Ctrl-C in a terminal: SIGINT to the whole process group (the launcher and both processes).
+    proc = subprocess.Popen(
+        [*launch, *cmd[i:], "--no-eval", "-o", str(run), *tiny],
         env=_env(),
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
+        start_new_session=True,
+    )
+    _wait_for(run / "metrics.jsonl", r'"stage": "finetune", "stage_index": 2, "step": 3,', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = " ".join(proc.communicate(timeout=300)[1].split())
+    assert proc.returncode == 130, err[-3000:]
+    assert "processes: 2" in err and "micro_batch_size 8 -> 4, so that 4 x 2 processes divide batch_size 8" in err
+    assert err.count("interrupted: SIGINT: stopped at stage 'finetune' step") == 1  # the main process's line
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    (step,) = [p for p in (run / "finetune").iterdir() if p.name.startswith("step-")]  # one checkpoint, whole
+    assert not step.name.endswith(".tmp") and f"resume with: tinylmm train --resume {run}" in err
+    saved = (run / "config.yaml").read_text()
+    assert re.search(r"micro_batch_size: 4 +# 8 -> 4, so that 4 x 2 processes", saved)
+    proc = subprocess.run(
+        [*launch, "train", "--resume", str(run), "--no-eval"], env=_env(), capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = " ".join(proc.stderr.split())
-    assert "processes: 2" in out and "micro_batch_size 8 -> 4, so that 4 x 2 processes divide batch_size 8" in out
-    assert "(1 x 4 x 2 proc)" in out
-    saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert re.search(r"micro_batch_size: 4 +# 8 -> 4, so that 4 x 2 processes", saved)
+    out = " ".join(proc.stderr.split())  # rich wraps long paths: check the step, not the path
+    assert "stage finetune: resuming from" in out and f"(step {int(step.name.split('-')[1])})" in out
+    a, b = losses_of(ref), losses_of(run)
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(b) == 2 + 2 + 60
+    assert max(abs(x[2] - y[2]) for x, y in zip(a, b)) < 1e-4  # 2 processes, resumed: 1 process's losses
     # A bad setting: one error line (the main process's), its exit code, no launcher traceback.
     bad = TINY + ["stages.finetune.lr=fast", "-o", str(tmp_path / "bad")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tinylmm.cli.app", *cmd[:i], *port, *cmd[i:], *bad],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = subprocess.run([*launch, *cmd[i:], *bad], env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.count("error: ") == 1 and "stages.finetune.lr" in proc.stderr
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -115,15 +115,16 @@ def test_a_save_that_reloads_differently_is_an_error_naming_the_directory(tmp_pa
         check_reload(tok, saved)
 
 
-def test_convert_keeps_a_legacy_tokenizers_multi_turn_ids(tmp_path):
+def test_convert_and_export_keep_a_legacy_tokenizers_multi_turn_ids(tmp_path):
     """The case the issue found: a TinyLLaVA_Factory checkpoint whose tokenizer_config.json
-    says "legacy": true, converted and reloaded, gives the same two-turn prompt ids."""
+    says "legacy": true, converted and reloaded, gives the same two-turn prompt ids; so do
+    its exports."""
     from tinylmm import api
     from tinylmm.convert import tinyllava
 
     from test_tinyllava import write_tinyllava
 
-    src = write_tinyllava(tmp_path / "src", llm="llama")[0]
+    src = write_tinyllava(tmp_path / "src", llm="llama", llm_model_name_or_path="TinyLlama/TinyLlama-1.1B-Chat-v1.0")[0]
     config = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
     _, before, _ = tinyllava.build(src)
@@ -133,3 +134,15 @@ def test_convert_keeps_a_legacy_tokenizers_multi_turn_ids(tmp_path):
     turns = [("human", "<image>\nWhat is it?"), ("gpt", "A circle."), ("human", "What color?")]
     want = before.encode(turns, num_images=1, add_generation_prompt=True).input_ids
     assert after.encode(turns, num_images=1, add_generation_prompt=True).input_ids == want
+    # exported back to their layout (save_tokenizer too) and read again: still the same ids
+    api.export_checkpoint(tmp_path / "out", tmp_path / "theirs", to="tinyllava")
+    _, again, _ = tinyllava.build(tmp_path / "theirs")
+    assert again.tokenizer.tokenize("</s>USER:")[:2] == ["</s>", "▁"]
+    assert again.encode(turns, num_images=1, add_generation_prompt=True).input_ids == want
+    # to transformers' LLaVA: AutoProcessor's tokenizer gives the same ids
+    from transformers import AutoProcessor
+
+    api.export_checkpoint(tmp_path / "out", tmp_path / "llava", to="hf-llava")
+    llava_tok = AutoProcessor.from_pretrained(str(tmp_path / "llava")).tokenizer
+    for text in texts(before.tokenizer):
+        assert llava_tok(text).input_ids == before.tokenizer(text).input_ids, text

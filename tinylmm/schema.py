@@ -181,6 +181,10 @@ class QuantSpec:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True  # quantize the 4-bit scales too (~0.4 bit/param saved)
     compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # the dtype the packed 4-bit weights are stored in (bitsandbytes' quant_storage): auto is
+    # the compute dtype under FSDP (which shards only float tensors of one dtype) and uint8,
+    # bitsandbytes' default, otherwise; the stored 4-bit values are the same either way
+    storage_dtype: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"
 
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinylmm.catalog import recipes, zoo
+from tinylmm.catalog import accelerate_configs, recipes, zoo
 from tinylmm.errors import ConfigError, unknown
 
-LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks")
+LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks", "accelerate")
 
 
 def register_zoo(path: str | Path | None) -> list[str]:
@@ -235,7 +235,6 @@ def merge_checkpoint(src, out=None, *, full_precision_base: bool = False) -> Pat
     so the merged model answers as the trained one did; `full_precision_base` adds them to
     the original base."""
     from tinylmm.files import write_atomically
-    from tinylmm.models import adapters
     from tinylmm.models.checkpoint import read_meta
 
     src = Path(src)
@@ -246,13 +245,43 @@ def merge_checkpoint(src, out=None, *, full_precision_base: bool = False) -> Pat
     if out.exists():
         raise FileExistsError(f"'{out}' already exists; not overwriting it")
     model, processor = load(src)
+    _fold_adapters(model, src, full_precision_base)
+    write_atomically(out, lambda d: model.save(d, processor))
+    return out
+
+
+def _fold_adapters(model, src: Path, full_precision_base: bool = False) -> None:
+    """Fold a loaded checkpoint's LoRA adapters (LLM and tower) into its weights, in place."""
+    from tinylmm.models import adapters
+
     if adapters.is_peft(model.llm):
-        model.llm = adapters.merged_llm(model, src / "llm", full_precision_base=full_precision_base)
+        model.llm = adapters.merged_llm(model, Path(src) / "llm", full_precision_base=full_precision_base)
         model.llm_base = model.llm_quant = None
     if adapters.has_vision_lora(model):
         adapters.merge_vision_lora(model)
-    write_atomically(out, lambda d: model.save(d, processor))
-    return out
+
+
+EXPORT_FORMATS = ("hf-llava", "tinyllava")
+
+
+def export_checkpoint(src, out, *, to: str = "hf-llava") -> tuple[Path, list[str]]:
+    """`tinylmm export`: a checkpoint (adapters merged first) in another framework's layout:
+    `hf-llava` (transformers' LlavaForConditionalGeneration, llava-hf's weight names: vLLM,
+    SGLang) or `tinyllava` (TinyLLaVA_Factory's). `out` must not exist. Returns (out, notes)."""
+    from tinylmm.convert import hf_llava, tinyllava_export
+    from tinylmm.files import write_atomically
+
+    exporters = {"hf-llava": hf_llava.export, "tinyllava": tinyllava_export.export}
+    if to not in exporters:
+        raise unknown("export format (--to)", to, exporters)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"'{out}' already exists; not overwriting it")
+    model, processor = load(src)
+    _fold_adapters(model, src)
+    notes: list[str] = []
+    write_atomically(out, lambda d: notes.extend(exporters[to](model.eval(), processor, d)))
+    return out, notes
 
 
 def evaluate_checkpoint(
@@ -297,6 +326,8 @@ def listing(kind: str) -> list[tuple[str, str]]:
         return [(p.name, p.description) for p in zoo.presets().values()]
     if kind == "recipes":
         return [(n, recipes.load_recipe(n).description) for n in recipes.shipped()]
+    if kind == "accelerate":
+        return [(n, accelerate_configs.description(p)) for n, p in accelerate_configs.shipped().items()]
     if kind == "templates":
         from tinylmm.data.templates import describe_templates
 
@@ -313,3 +344,13 @@ def listing(kind: str) -> list[tuple[str, str]]:
 def copy_recipe(name: str, dest) -> Path:
     """`tinylmm cp`: a shipped recipe copied to `dest` for editing; never overwrites."""
     return recipes.copy_recipe(name, dest)
+
+
+def copy_shipped(name: str, dest) -> tuple[str, Path]:
+    """`tinylmm cp NAME DEST`: a shipped recipe or accelerate config copied for editing
+    -> ("recipe" | "accelerate config", the copy). The two sets of names never overlap."""
+    if name in accelerate_configs.shipped():
+        return "accelerate config", accelerate_configs.copy(name, dest)
+    if name in recipes.shipped() or Path(name).suffix in (".yaml", ".yml"):
+        return "recipe", recipes.copy_recipe(name, dest)
+    raise unknown("recipe or accelerate config", name, [*recipes.shipped(), *accelerate_configs.shipped()])

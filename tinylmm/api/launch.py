@@ -9,16 +9,21 @@ process runs `python -m tinylmm.cli.app COMMAND ARGS...`. What it adds to `accel
   launcher's defaults spelled out (one machine, no dynamo) so it does not warn about them;
 - a failed process ends the launch with that process's exit code and its own one-line error
   (printed once, by the main process), not torch elastic's `ChildFailedError` traceback;
-- Ctrl-C reaches the processes from the terminal only: the launcher does not forward a
-  second SIGINT (torch elastic does, which a training process would read as "quit now"), so
-  each one saves a checkpoint at the next step boundary. SIGTERM is still forwarded.
+- Ctrl-C works as in one process: each SIGINT the launcher gets is passed to every process
+  at once, so the first makes them save a checkpoint at the next step boundary and a second
+  quits. torch elastic starts each process in a session of its own (the terminal's Ctrl-C
+  reaches only the launcher) and, left to itself, turns the first SIGINT into a shutdown that
+  SIGKILLs the processes 30 s later, whether their checkpoint is written or not. SIGTERM
+  keeps torch elastic's handling (forwarded, then SIGKILL after the shutdown timeout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 
 from tinylmm.errors import ConfigError
 
@@ -63,6 +68,14 @@ def _value_of(options: list[str], name: str) -> str | None:
     return None
 
 
+def _pass_to_the_processes(signum, frame) -> None:
+    """SIGINT to each process this launcher started (Linux: /proc lists a process's children)."""
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGINT)
+
+
 def launch(options: list[str], command: list[str]) -> int:
     """Run `command` (a tinylmm command line) under accelerate's launcher. -> exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -75,8 +88,10 @@ def launch(options: list[str], command: list[str]) -> int:
             "--config_file that does"
         )
     args = launch_command_parser().parse_args([*_spell_out(options), "-m", "tinylmm.cli.app", *command])
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGHUP,SIGQUIT"  # not SIGINT: see above
-    previous = signal.signal(signal.SIGINT, lambda *_: None)  # the processes get it themselves
+    # torch elastic's agent traps these and shuts the processes down; SIGINT is ours (see
+    # above). accelerate hands torchrun's options over from its own namespace by name.
+    args.signals_to_handle = "SIGTERM,SIGHUP,SIGQUIT"
+    previous = signal.signal(signal.SIGINT, _pass_to_the_processes)
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)  # its per-failure log lines repeat what the process said

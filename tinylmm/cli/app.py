@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, launch, listing, merge, plan, plot, serve, train, zoo
+from tinylmm.cli import chat, convert, evaluate, export, launch, listing, merge, plan, plot, serve, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("serve")(serve.serve)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
+app.command("export")(export.export)
 app.command("ls")(listing.ls)
 app.command("cp")(listing.cp)
 app.command("plan")(plan.plan)

@@ -1,5 +1,5 @@
 """`tinylmm ls` and `tinylmm cp`: the named things (presets, recipes, connectors, templates,
-benchmarks), and a shipped recipe copied for editing."""
+benchmarks, accelerate configs), and a shipped recipe or accelerate config copied for editing."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import typer
 
-from tinylmm.api import copy_recipe, listing
+from tinylmm.api import copy_shipped, listing
+
+KINDS = "presets | recipes | connectors | templates | benchmarks | accelerate"
 
 
-def ls(kind: str = typer.Argument("presets", help="presets | recipes | connectors | templates | benchmarks")):
+def ls(kind: str = typer.Argument("presets", help=KINDS)):
     """List what is available by name."""
     from rich.console import Console
     from rich.table import Table
@@ -25,11 +27,12 @@ def ls(kind: str = typer.Argument("presets", help="presets | recipes | connector
 
 
 def cp(
-    recipe: str = typer.Argument(..., help="a shipped recipe name"),
+    name: str = typer.Argument(..., help="a shipped recipe or accelerate config (tinylmm ls recipes | accelerate)"),
     dest: Path = typer.Argument(..., help="file or directory to copy it to"),
 ):
-    """Copy a shipped recipe to edit it, then run it with `tinylmm train --recipe FILE`."""
+    """Copy a shipped recipe or accelerate config to edit it."""
     from rich.console import Console
 
-    path = copy_recipe(recipe, dest)
-    Console().print(f"copied recipe '{recipe}' to {path}; run it with: tinylmm train --recipe {path}")
+    kind, path = copy_shipped(name, dest)
+    run = f"tinylmm train --recipe {path}" if kind == "recipe" else f"tinylmm launch --config_file {path} train ..."
+    Console().print(f"copied {kind} '{name}' to {path}; run it with: {run}")

@@ -63,6 +63,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("lora: r and alpha must be positive, dropout in [0, 1), targets not empty")
     if not 0 < cfg.lora.lr < math.inf:
         raise ConfigError(f"lora.lr={cfg.lora.lr} must be positive and finite")
+    if cfg.quant.bits == 8 and cfg.quant.storage_dtype != "auto":
+        raise ConfigError(
+            f"quant.storage_dtype={cfg.quant.storage_dtype} stores 4-bit weights; quant.bits=8 (LLM.int8) keeps int8"
+        )
     for where, value, least in (
         ("eval.batch_size", cfg.eval.batch_size, 1),
         ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),

@@ -6,8 +6,13 @@
 - LLM `qlora`: the LLM is written once as the run's full-precision base
   (`<run>/<stage>/llm-base/`), reloaded from there in 4-bit NF4 (or 8-bit) by
   `from_pretrained(quantization_config=...)`, prepared for k-bit training, then given
-  LoRA adapters. Only the LLM is quantized: it is loaded on its own, so the vision tower
-  and the connector can never be caught by the quantizer.
+  LoRA adapters. Under FSDP the packed 4-bit weights are stored in the compute dtype, the
+  dtype the rest of the LLM is loaded in: bitsandbytes' FSDP-QLoRA guide, "It is very
+  important the quant_storage data type matches the data types used throughout the model
+  because FSDP can only wrap layers and modules that have the same floating data type"
+  (`bnb_4bit_quant_storage`, with `torch_dtype` set to match it). Only the LLM is
+  quantized: it is loaded on its own, so the vision tower and the connector can never be
+  caught by the quantizer.
 - vision `lora`: adapters injected in place into the tower's linear layers (the tower's
   forward reads its submodules directly, so it is not wrapped in a PeftModel); they are
   saved in `model.safetensors` with the rest of the tower.
@@ -126,7 +131,15 @@ def is_quantized(llm: nn.Module) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
-def bnb_config(quant: QuantSpec):
+def storage_dtype(quant: QuantSpec, *, sharded: bool = False) -> torch.dtype:
+    """`quant.storage_dtype` as a torch dtype; `auto`: the compute dtype when FSDP shards
+    the model (`sharded`), else bitsandbytes' uint8."""
+    if quant.storage_dtype == "auto":
+        return DTYPES[quant.compute_dtype] if sharded else torch.uint8
+    return torch.uint8 if quant.storage_dtype == "uint8" else DTYPES[quant.storage_dtype]
+
+
+def bnb_config(quant: QuantSpec, *, sharded: bool = False):
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -134,6 +147,7 @@ def bnb_config(quant: QuantSpec):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=storage_dtype(quant, sharded=sharded),
     )
 
 
@@ -151,10 +165,12 @@ def load_llm(
     attn_implementation: str = "sdpa",
     dtype=None,
     trust_remote_code: bool = False,
+    sharded: bool = False,
 ) -> nn.Module:
     """A causal LM from a directory, in full precision or quantized by bitsandbytes.
     `trust_remote_code`: the run's model.llm.trust_remote_code (a saved remote-code LLM keeps
-    its code beside its weights, and needs it again)."""
+    its code beside its weights, and needs it again); `sharded`: the run is under FSDP (see
+    `storage_dtype`)."""
     with refusing_remote_code("language model", directory):
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     kwargs = {
@@ -164,7 +180,7 @@ def load_llm(
     if quant is not None:
         _require("4-bit / 8-bit loading")
         kwargs.update(
-            quantization_config=bnb_config(quant),
+            quantization_config=bnb_config(quant, sharded=sharded),
             device_map={"": str(device or "cpu")},
             dtype=DTYPES[quant.compute_dtype],
         )
@@ -190,7 +206,9 @@ def avoid_cpu_packing_assert(llm: nn.Module) -> None:
                 m.support_avx512bf16_for_cpu = False
 
 
-def quantize_llm(model, base_dir: Path, quant: QuantSpec, *, device, attn_implementation: str) -> None:
+def quantize_llm(
+    model, base_dir: Path, quant: QuantSpec, *, device, attn_implementation: str, sharded: bool = False
+) -> None:
     """Swap the model's LLM for a k-bit copy of its current weights, prepared for training."""
     from peft import prepare_model_for_kbit_training
 
@@ -198,7 +216,12 @@ def quantize_llm(model, base_dir: Path, quant: QuantSpec, *, device, attn_implem
     save_base(model.llm, base_dir)
     remote = model.spec.llm.trust_remote_code
     llm = load_llm(
-        base_dir, quant=quant, device=device, attn_implementation=attn_implementation, trust_remote_code=remote
+        base_dir,
+        quant=quant,
+        device=device,
+        attn_implementation=attn_implementation,
+        trust_remote_code=remote,
+        sharded=sharded,
     )
     # Casts the non-quantized parameters (embeddings, norms, head) to fp32 for stable training.
     model.llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)

@@ -57,6 +57,14 @@ class TinyLMM(nn.Module):
             return decoder_layers(self.llm)
         return None
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The class names of the tower's blocks and the LLM's decoder layers, as transformers'
+        models list theirs: accelerate's FSDP TRANSFORMER_BASED_WRAP shards each such layer
+        apart (tinylmm's fsdp2.yaml); without it the whole model would be one shard group."""
+        stacks = [self.layer_stack("vision"), self.layer_stack("llm")]
+        return sorted({type(layer).__name__ for stack in stacks if stack is not None for layer in stack})
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images, M, D_llm]"""
         return self.connector(self.vision(pixel_values))

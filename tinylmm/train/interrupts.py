@@ -27,7 +27,8 @@ class StopRequests:
     """Context manager: traps SIGINT/SIGTERM while training (main thread only; elsewhere,
     e.g. a notebook's worker thread, signals keep their handlers and nothing is trapped)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # the main process says it is stopping; the others quietly
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -51,8 +52,9 @@ class StopRequests:
             self.release()
             raise KeyboardInterrupt  # the second Ctrl-C: quit now
         self.signum = self.signum or signum
-        name = signal.Signals(signum).name
-        sys.stderr.write(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C again to quit now)\n")
+        if self.announce:
+            name = signal.Signals(signum).name
+            sys.stderr.write(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C again to quit now)\n")
 
     def requested(self, accel) -> bool:
         """Whether any process was signalled (every process must call this at the boundary)."""

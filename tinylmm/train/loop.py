@@ -35,7 +35,7 @@ from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
-from tinylmm.train import trainer_state
+from tinylmm.train import engines, process_rng, trainer_state
 from tinylmm.train.interrupts import StopRequests
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
@@ -110,10 +110,13 @@ def train(
     # cpu=True when there is no accelerator: under `accelerate launch` (torchrun) this is
     # what makes accelerate form a gloo process group instead of N independent runs.
     _forget_previous_accelerator()
+    engines.refuse_where_it_cannot_run(cuda=torch.cuda.is_available(), accelerator=has_accelerator())
     accel = Accelerator(mixed_precision=precision, cpu=not has_accelerator())
     report = Reporter(console, accel.is_main_process, run_dir / "metrics.jsonl")
     attn, attn_note = resolve_attention(cfg.train.attn_implementation, accel.device)
     report.note(f"precision: {precision_note}; attention: {attn_note}; processes: {accel.num_processes}")
+    if untested := engines.not_run_yet():
+        report.warn(untested)
     # The global batch stays global: the micro-batch gives way to the number of processes.
     sources = dict(sources or {})
     for name, old, new in fit_micro_batches(cfg, accel.num_processes):
@@ -160,7 +163,7 @@ def train(
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
     result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
-    with StopRequests() as stop:
+    with StopRequests(announce=accel.is_main_process) as stop:
         _train_stages(accel, model, processor, cfg, stages, data, run_dir, resume_dir, attn, half, report, result, stop)
     if stop.signum:  # a signal during the last stage: its final/ is written; no evaluation
         if accel.is_main_process:
@@ -311,7 +314,7 @@ def _train_stage(
     trainable = [p for g in groups for p in g["params"]]
     batches = iter(loader)  # draws a seed from the global RNG: restore the RNG after it
     if state is not None:
-        ckpt.set_rng_state(state["rng"])  # dropout (e.g. LoRA's) continues where it stopped
+        process_rng.restore(state["rng"], accel.process_index)  # dropout (e.g. LoRA's) continues where it stopped
     losses = []
     bad_in_a_row = bad_steps = 0
     report.start_stage(name, steps.total_steps, start_step)
@@ -380,6 +383,7 @@ def _train_stage(
 
 def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
     accel.wait_for_everyone()
+    rng = process_rng.gather(accel)  # collective: every process's RNG state, before the main one writes
 
     def write(d):  # on the main process
         model.save(d, processor)
@@ -387,7 +391,7 @@ def _save_step(accel, model, processor, optimizer, scheduler, stage_dir, step):
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rng,
         }
         trainer_state.save(state, d)
 

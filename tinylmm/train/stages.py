@@ -11,6 +11,7 @@ import torch
 from tinylmm import trainability
 from tinylmm.models import adapters
 from tinylmm.schema import RunConfig
+from tinylmm.train import engines
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ def prepare_stage(
     elif llm_state in ("lora", "qlora") and not has_llm_lora:
         base_dir = run_dir / name / "llm-base"
         if llm_state == "qlora":
-            adapters.quantize_llm(model, base_dir, cfg.quant, device=device, attn_implementation=attn_implementation)
+            sharded = engines.requested() == "fsdp"  # the 4-bit weights stored as FSDP can shard them
+            adapters.quantize_llm(
+                model, base_dir, cfg.quant, device=device, attn_implementation=attn_implementation, sharded=sharded
+            )
             kernels = (
                 "CUDA kernels"
                 if torch.device(device).type == "cuda"
@@ -51,7 +55,9 @@ def prepare_stage(
             notes.append(
                 f"llm: reloaded from {base_dir} in {cfg.quant.bits}-bit"
                 + (
-                    f" {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, compute {cfg.quant.compute_dtype}"
+                    f" {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}, "
+                    f"compute {cfg.quant.compute_dtype}, stored as "
+                    + str(adapters.storage_dtype(cfg.quant, sharded=sharded)).removeprefix("torch.")
                     if cfg.quant.bits == 4
                     else " (LLM.int8)"
                 )
