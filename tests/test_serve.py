@@ -440,6 +440,8 @@ def test_the_serve_command_binds_localhost_says_so_and_takes_its_options(checkpo
         "--allow-text-only",
         "--max-batch",
         "2",
+        "--max-image-mb",
+        "0.01",
     ]
     proc = subprocess.Popen(
         cmd,
@@ -449,8 +451,11 @@ def test_the_serve_command_binds_localhost_says_so_and_takes_its_options(checkpo
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     try:
-        first = proc.stderr.readline()
-        assert f"at http://127.0.0.1:{port}" in first and "only this machine can reach it" in first, first
+        lines = [proc.stderr.readline() for _ in range(1)]
+        while "serving" not in lines[-1] and lines[-1] and len(lines) < 50:  # library warnings may come first
+            lines.append(proc.stderr.readline())
+        said = lines[-1]
+        assert f"at http://127.0.0.1:{port}" in said and "only this machine can reach it" in said, lines
         for _ in range(300):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
@@ -460,6 +465,11 @@ def test_the_serve_command_binds_localhost_says_so_and_takes_its_options(checkpo
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="tiny-run/final", messages=[user("Hi", image=None)], max_tokens=3)
         assert reply.choices[0].message.content is not None  # --allow-text-only: no image needed
+        with pytest.raises(openai.APIStatusError, match="limit of 10,485 bytes") as e:  # --max-image-mb 0.01
+            client.chat.completions.create(
+                model="tiny-run/final", messages=[user("Hi", image=png(128, noise=True))], max_tokens=3
+            )
+        assert e.value.status_code == 413
     finally:
         proc.terminate()
         proc.wait(timeout=30)
