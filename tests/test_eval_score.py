@@ -1,0 +1,202 @@
+"""`tinylmm eval score`: answer files in LLaVA's answer format scored against benchmark folders
+in LLaVA-1.5's eval layout, written here in the official formats, to hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_cli import ENV
+from tinylmm.api import score_answers
+from tinylmm.errors import ConfigError, DataError
+from tinylmm.eval.pope import read_exact
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def answer(qid, text):
+    return {"question_id": qid, "prompt": "q", "text": text, "answer_id": f"a{qid}", "model_id": "m", "metadata": {}}
+
+
+# ---------------------------------------------------------------- POPE
+
+POPE = {  # split: [(question_id, image, label)]
+    "random": [(1, "a.jpg", "yes"), (2, "a.jpg", "no"), (3, "b.jpg", "yes"), (4, "b.jpg", "no")],
+    "popular": [(5, "a.jpg", "yes"), (6, "a.jpg", "no")],
+    "adversarial": [(7, "c.jpg", "yes"), (8, "c.jpg", "no")],
+}
+POPE_ANSWERS = {
+    1: "Yes, there is a dog.",  # llava: yes; lmms-eval: neither yes nor no
+    2: "No",
+    3: "There is not a cat",  # llava: no; lmms-eval: neither
+    4: "Yes",
+    # 5 has no answer: scored wrong (as "no" on its yes label)
+    6: "no.",  # llava: no (first sentence); lmms-eval: "no." is not "no"
+    7: " YES ",  # both: yes
+    8: "yes",
+}
+
+
+def pope_dir(tmp_path):
+    root = tmp_path / "pope"
+    questions = []
+    for split, rows in POPE.items():
+        labels = [
+            {"question_id": k, "image": img, "text": "Is there a dog?", "label": lab}
+            for k, (_, img, lab) in enumerate(rows, 1)
+        ]
+        write_jsonl(root / "coco" / f"coco_pope_{split}.json", labels)
+        questions += [
+            {"question_id": q, "image": img, "text": "Is there a dog?", "category": split} for q, img, _ in rows
+        ]
+    write_jsonl(root / "llava_pope_test.jsonl", questions)
+    return root
+
+
+def pope_answers(tmp_path, answers=POPE_ANSWERS):
+    return write_jsonl(tmp_path / "answers.jsonl", [answer(q, t) for q, t in answers.items()])
+
+
+def test_pope_llava_rule(tmp_path):
+    scores, out = score_answers("pope", pope_dir(tmp_path), pope_answers(tmp_path))
+    assert json.loads(out.read_text()) == scores and out.name == "answers.scores.json"
+    assert scores["bench"] == "pope" and scores["rule"] == "llava" and scores["n"] == 8
+    s = scores["splits"]
+    assert s["random"] == {"n": 4, "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
+    assert s["popular"] == {"n": 2, "accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert s["adversarial"] == pytest.approx(
+        {"n": 2, "accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 1.0}
+    )
+    assert scores["metrics"] == pytest.approx(
+        {"accuracy": 0.5, "precision": 1 / 3, "recall": 0.5, "f1": 7 / 18, "yes_ratio": 0.5}
+    )
+    assert scores["missing"] == {"n": 1, "ids": ["5"]}
+
+
+def test_pope_lmms_eval_rule(tmp_path):
+    scores, _ = score_answers(
+        "pope", pope_dir(tmp_path), pope_answers(tmp_path), rule="lmms-eval", out=tmp_path / "s.json"
+    )
+    assert scores["rule"] == "lmms-eval"
+    s = scores["splits"]
+    # random: only "No" matches; the one yes answer is on a no label; no exact "no" on a yes label
+    assert s["random"] == {"n": 4, "accuracy": 0.25, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.25}
+    assert s["popular"] == {"n": 2, "accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert s["adversarial"]["f1"] == pytest.approx(2 / 3)
+    assert scores["metrics"] == pytest.approx(
+        {"accuracy": 0.25, "precision": 1 / 6, "recall": 1 / 3, "f1": 2 / 9, "yes_ratio": 5 / 12}
+    )
+
+
+@pytest.mark.parametrize(
+    "text, read",
+    [("yes", "yes"), (" Yes \n", "yes"), ("NO", "no"), ("yes.", "yes."), ("Yes, there is", "yes, there is"), ("", "")],
+)
+def test_lmms_eval_reading_is_exact_after_lower_strip(text, read):
+    assert read_exact(text) == read
+
+
+def test_pope_answer_order_does_not_matter(tmp_path):
+    shuffled = dict(reversed(list(POPE_ANSWERS.items())))
+    a, _ = score_answers("pope", pope_dir(tmp_path), pope_answers(tmp_path, shuffled))
+    b, _ = score_answers("pope", pope_dir(tmp_path), pope_answers(tmp_path))
+    assert a == b
+
+
+def test_pope_bad_answer_ids_are_counted_and_named(tmp_path):
+    data = pope_dir(tmp_path)
+    rows = [answer(q, t) for q, t in POPE_ANSWERS.items()] + [answer(99, "yes"), answer(98, "no"), answer(2, "yes")]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"2 unknown question id\(s\).*: 99, 98; 1 question id\(s\) answered more than once: 2"
+    ):
+        score_answers("pope", data, path)
+    write_jsonl(path, [{"question_id": 1}])
+    with pytest.raises(DataError, match="answer 1 has no 'text'"):
+        score_answers("pope", data, path)
+    path.write_text('{"question_id": 1, "text": "yes"}\nnot json\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not JSON"):
+        score_answers("pope", data, path)
+
+
+def test_pope_missing_and_inconsistent_layout_files(tmp_path):
+    data, answers = pope_dir(tmp_path), pope_answers(tmp_path)
+    (data / "coco" / "coco_pope_popular.json").unlink()
+    with pytest.raises(DataError, match=r"missing .*coco/coco_pope_popular.json: expected POPE's popular label file"):
+        score_answers("pope", data, answers)
+    data = pope_dir(tmp_path)
+    write_jsonl(data / "coco" / "coco_pope_popular.json", [{"image": "a.jpg", "label": "yes"}])
+    with pytest.raises(DataError, match="has 2 'popular' questions but .*coco_pope_popular.json has 1 labels"):
+        score_answers("pope", data, answers)
+    data = pope_dir(tmp_path)
+    write_jsonl(
+        data / "coco" / "coco_pope_popular.json",
+        [{"image": "z.jpg", "label": "yes"}, {"image": "a.jpg", "label": "no"}],
+    )
+    with pytest.raises(DataError, match=r"line 1 is about z.jpg but the 1-th 'popular' question \(id 5\)"):
+        score_answers("pope", data, answers)
+    (data / "llava_pope_test.jsonl").unlink()
+    with pytest.raises(DataError, match="missing .*llava_pope_test.jsonl: expected LLaVA's POPE question file"):
+        score_answers("pope", data, answers)
+    with pytest.raises(DataError, match="missing .*nowhere.jsonl: expected the answer file"):
+        score_answers("pope", pope_dir(tmp_path), tmp_path / "nowhere.jsonl")
+    with pytest.raises(DataError, match="expected the pope folder of LLaVA-1.5's eval layout"):
+        score_answers("pope", tmp_path / "no-such-dir", answers)
+
+
+def test_unknown_rule_and_benchmark_without_a_scorer(tmp_path):
+    with pytest.raises(ConfigError, match="unknown answer rule for pope 'lmms'.*did you mean 'lmms-eval'"):
+        score_answers("pope", pope_dir(tmp_path), pope_answers(tmp_path), rule="lmms")
+    with pytest.raises(ConfigError, match="benchmark 'shapes' cannot score an answer file; those that can: .*pope"):
+        score_answers("shapes", tmp_path, tmp_path / "a.jsonl")
+    with pytest.raises(ConfigError, match="unknown benchmark 'popp'.*did you mean 'pope'"):
+        score_answers("popp", tmp_path, tmp_path / "a.jsonl")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def tinylmm(*args):
+    env = {**ENV, "COLUMNS": "1000"}  # rich wraps at the terminal's width: one line per message
+    return subprocess.run(
+        [sys.executable, "-m", "tinylmm.cli.app", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_eval_score(tmp_path):
+    data, answers = pope_dir(tmp_path), pope_answers(tmp_path)
+    out = tinylmm(
+        "eval",
+        "score",
+        "--bench",
+        "pope",
+        "--data",
+        str(data),
+        "--answers",
+        str(answers),
+        "--rule",
+        "lmms-eval",
+        "--out",
+        str(tmp_path / "s.json"),
+    )
+    assert out.returncode == 0, out.stderr
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["rule"] == "lmms-eval" and scores["metrics"]["accuracy"] == pytest.approx(0.25)
+    assert "rule: lmms-eval" in out.stdout and "1 question(s) had no answer" in out.stdout
+    (data / "coco" / "coco_pope_random.json").unlink()
+    out = tinylmm("eval", "score", "--bench", "pope", "--data", str(data), "--answers", str(answers))
+    assert out.returncode == 2 and "coco_pope_random.json: expected POPE's random label file" in out.stderr
+
+
+def test_cli_eval_model_is_eval_run(tmp_path):
+    """The old spelling `tinylmm eval MODEL` goes to `eval run` (here: a folder that is no checkpoint)."""
+    for args in (["eval", str(tmp_path)], ["eval", "run", str(tmp_path)]):
+        out = tinylmm(*args)
+        assert out.returncode == 2 and "is not a tinylmm checkpoint" in out.stderr, out.stderr
