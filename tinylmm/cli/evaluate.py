@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from tinylmm import api
+from tinylmm.train.progress import Reporter
 
 
 class ModelOrCommand(TyperGroup):
@@ -41,8 +42,6 @@ def evaluate(
 ):
     """Evaluate a checkpoint on a benchmark and write the scores as JSON."""
     from rich.console import Console
-
-    from tinylmm.train.progress import Reporter
 
     result, path = api.evaluate_checkpoint(model_dir, bench, out=out, data=data, batch_size=batch_size)
     Reporter(Console(), True, Path("/dev/null")).eval_table(result)
