@@ -12,7 +12,9 @@ import pytest
 from tests.test_cli import ENV
 from tinylmm.api import score_answers
 from tinylmm.errors import ConfigError, DataError
+from tinylmm.eval.gqa import convert
 from tinylmm.eval.pope import read_exact
+from tinylmm.eval.scienceqa import FAILED, choice_index, parse_choice
 
 
 def write_jsonl(path, rows):
@@ -158,6 +160,120 @@ def test_unknown_rule_and_benchmark_without_a_scorer(tmp_path):
         score_answers("shapes", tmp_path, tmp_path / "a.jsonl")
     with pytest.raises(ConfigError, match="unknown benchmark 'popp'.*did you mean 'pope'"):
         score_answers("popp", tmp_path, tmp_path / "a.jsonl")
+
+
+# ---------------------------------------------------------------- ScienceQA-IMG
+
+SQA = {  # pid: (number of choices, right index, has an image, answer text or None)
+    "1": (3, 0, True, "A"),
+    "2": (2, 1, False, "B. the second"),
+    "3": (4, 2, True, "The answer is C."),
+    "4": (3, 2, False, "C."),  # FAILED: not a bare letter, no ". " after it
+    "5": (2, 0, True, None),  # unanswered: FAILED, wrong, and still in the IMG total
+}
+
+
+def scienceqa_dir(tmp_path):
+    root = tmp_path / "scienceqa"
+    root.mkdir()
+    problems = {
+        pid: {
+            "question": "?",
+            "choices": [f"c{i}" for i in range(n)],
+            "answer": right,
+            "image": "image.png" if img else None,
+        }
+        for pid, (n, right, img, _) in SQA.items()
+    }
+    problems["9"] = {"question": "?", "choices": ["x", "y"], "answer": 0, "image": None}
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps({"train": ["9"], "test": list(SQA)}))
+    questions = [
+        {"id": pid, "conversations": [], **({"image": f"{pid}/image.png"} if img else {})}
+        for pid, (_, _, img, _) in SQA.items()
+    ]
+    (root / "llava_test_CQM-A.json").write_text(json.dumps(questions))
+    answers = [answer(pid, text) for pid, (_, _, _, text) in SQA.items() if text is not None]
+    return root, write_jsonl(tmp_path / "sqa-answers.jsonl", answers)
+
+
+def test_scienceqa_img_and_overall_accuracy(tmp_path):
+    data, answers = scienceqa_dir(tmp_path)
+    scores, _ = score_answers("scienceqa", data, answers)
+    assert scores["rule"] == "llava" and scores["n"] == 5 and scores["n_img"] == 3
+    assert scores["metrics"] == pytest.approx({"img_accuracy": 2 / 3, "accuracy": 3 / 5})
+    assert scores["failed"] == 2 and scores["missing"] == {"n": 1, "ids": ["5"]}
+    with pytest.raises(ConfigError, match="unknown answer rule for scienceqa 'lmms-eval'.*known: llava"):
+        score_answers("scienceqa", data, answers, rule="lmms-eval")
+    write_jsonl(answers, [answer("9", "A")])  # a train problem is not a test question
+    with pytest.raises(DataError, match=r"1 unknown question id\(s\).*: 9"):
+        score_answers("scienceqa", data, answers)
+    (data / "pid_splits.json").unlink()
+    with pytest.raises(DataError, match="missing .*pid_splits.json: expected ScienceQA's pid_splits.json"):
+        score_answers("scienceqa", data, answers)
+
+
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("A", "A"),  # a bare letter
+        ("E", "E"),
+        ("F", FAILED),  # beyond the five options
+        ("a", FAILED),  # case counts
+        (" A", FAILED),  # no stripping
+        ("A.", FAILED),  # "X. " needs the space and a third character
+        ("B. a cat", "B"),
+        ("B.a cat", FAILED),
+        ("The answer is C.", "C"),
+        ("Because ... The answer is D!", "D"),  # the regex's "." is any character
+        ("The answer is C", FAILED),  # ... but one must follow the letter
+        ("The answer is A. Or: The answer is B.", FAILED),  # two matches
+        ("The answer is Z.", "Z"),  # parsed, then out of range below
+    ],
+)
+def test_scienceqa_parse(text, letter):
+    assert parse_choice(text) == letter
+
+
+def test_scienceqa_letter_index_is_bounded_by_the_choices():
+    assert choice_index("B", 2) == 1 and choice_index("C", 2) == -1 and choice_index("Z", 5) == -1
+    assert choice_index(FAILED, 5) == -1
+
+
+# ---------------------------------------------------------------- GQA
+
+
+def test_gqa_accuracy_over_balanced_questions(tmp_path):
+    root = tmp_path / "gqa"
+    (root / "data").mkdir(parents=True)
+    questions = {
+        "q1": {"answer": "yes", "isBalanced": True},
+        "q2": {"answer": "red", "isBalanced": True},
+        "q3": {"answer": "table", "isBalanced": True},
+        "q4": {"answer": "left", "isBalanced": False},  # not counted
+        "q5": {"answer": "no", "isBalanced": True},  # unanswered: wrong
+    }
+    (root / "data" / "testdev_balanced_questions.json").write_text(json.dumps(questions))
+    answers = write_jsonl(
+        tmp_path / "gqa.jsonl",
+        [answer("q1", "Yes."), answer("q2", "Red.."), answer("q3", "a table"), answer("q4", "left")],
+    )
+    scores, _ = score_answers("gqa", root, answers)
+    assert scores["n"] == 4 and scores["metrics"] == {"accuracy": 0.5}
+    assert scores["missing"] == {"n": 1, "ids": ["q5"]}
+    (root / "data" / "testdev_balanced_questions.json").unlink()
+    with pytest.raises(
+        DataError, match="data/testdev_balanced_questions.json: expected GQA's testdev-balanced questions"
+    ):
+        score_answers("gqa", root, answers)
+
+
+@pytest.mark.parametrize(
+    "text, prediction",
+    [("Yes.", "yes"), ("Red...", "red"), ("U.S.", "u.s"), (" Yes", " yes"), ("Yes. ", "yes. "), ("3", "3")],
+)
+def test_gqa_conversion(text, prediction):
+    assert convert(text) == prediction
 
 
 # ---------------------------------------------------------------- CLI
