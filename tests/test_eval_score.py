@@ -15,6 +15,7 @@ from tinylmm.errors import ConfigError, DataError
 from tinylmm.eval.gqa import convert
 from tinylmm.eval.pope import read_exact
 from tinylmm.eval.scienceqa import FAILED, choice_index, parse_choice
+from tinylmm.eval.textvqa import normalize, question_of, vqa_accuracy
 
 
 def write_jsonl(path, rows):
@@ -274,6 +275,96 @@ def test_gqa_accuracy_over_balanced_questions(tmp_path):
 )
 def test_gqa_conversion(text, prediction):
     assert convert(text) == prediction
+
+
+# ---------------------------------------------------------------- TextVQA
+
+OCR_PROMPT = "{q}\nReference OCR token: NIKE, JUST\nAnswer the question using a single word or phrase."
+
+
+def textvqa_dir(tmp_path):
+    root = tmp_path / "textvqa"
+    root.mkdir()
+    data = [
+        {
+            "question_id": 1,
+            "image_id": "img1",
+            "question": "What brand is this?",
+            "answers": ["Nike", "nike."] + ["adidas"] * 8,
+        },
+        {"question_id": 2, "image_id": "img1", "question": "What color?", "answers": ["red"] * 10},
+        {"question_id": 3, "image_id": "img2", "question": "How many?", "answers": ["two"] * 2 + ["3"] * 8},
+    ]
+    (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    return root
+
+
+def textvqa_answer(image_id, prompt, text):
+    return {**answer(image_id, text), "prompt": prompt}
+
+
+def test_textvqa_vqa_accuracy(tmp_path):
+    data = textvqa_dir(tmp_path)
+    rows = [
+        # LLaVA's question_id is the image id; the question comes back from the prompt
+        textvqa_answer("img1", OCR_PROMPT.format(q="What brand is this?"), "NIKE"),  # 2 of 10 humans: 0.6
+        textvqa_answer("img1", "What color?\nAnswer the question using a single word or phrase.", "Red."),  # 1.0
+        # img2's question is unanswered: 0
+    ]
+    answers = write_jsonl(tmp_path / "tv.jsonl", rows)
+    scores, _ = score_answers("textvqa", data, answers)
+    assert scores["n"] == 3 and scores["metrics"]["accuracy"] == pytest.approx((0.6 + 1.0 + 0) / 3)
+    assert scores["missing"] == {"n": 1, "ids": ["img2: how many?"]}
+    write_jsonl(answers, rows + [rows[0], textvqa_answer("img3", "What?\nAnswer.", "x")])
+    with pytest.raises(
+        DataError,
+        match=r"1 unknown question id\(s\).*img3: what\?; 1 question id\(s\) answered more than once: img1: what brand",
+    ):
+        score_answers("textvqa", data, answers)
+    write_jsonl(answers, [textvqa_answer("img1", "one line only", "x")])
+    with pytest.raises(DataError, match="answer to img1: a prompt in none of LLaVA's TextVQA forms"):
+        score_answers("textvqa", data, answers)
+
+
+def test_textvqa_prompt_forms():
+    assert question_of("OCR tokens: nike, just Question: What Brand? Short answer:") == "what brand?"
+    assert question_of(OCR_PROMPT.format(q="What Brand?")) == "what brand?"
+    assert question_of("Reference OCR token: NIKE\nWhat Brand?\nAnswer briefly.") == "what brand?"
+    assert question_of("What Brand?\nAnswer the question using a single word or phrase.") == "what brand?"
+    for prompt in ("What brand?", "a\nb\nc", "OCR tokens: x What brand?"):
+        with pytest.raises(ValueError):
+            question_of(prompt)
+
+
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("The Dog.", "dog"),  # lower case, article dropped, final period deleted
+        ("two dogs", "2 dogs"),  # number words become digits
+        ("none", "0"),
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("U.S.A.", "usa"),
+        ("coca-cola", "coca cola"),  # punctuation with no space beside it becomes a space
+        ("coca - cola", "coca cola"),  # ... and is deleted when a space is beside it
+        ("1,000", "1000"),  # commas are deleted first
+        ("Yes?", "yes"),
+        ("it's red!", "it 's red"),  # "'s" split off
+        ("dont", "don't"),  # a contraction missing its apostrophe gets it back
+        ("couldnt've", "couldn't've"),
+        ("wed", "wed"),  # a word, not "we'd"
+        ("a\tb\nc", "b c"),
+        ("(c)", "c"),
+    ],
+)
+def test_evalai_normalization(text, normalized):
+    assert normalize(text) == normalized
+
+
+def test_vqa_accuracy_is_the_leave_one_out_mean():
+    assert vqa_accuracy("nike", ["nike"] * 2 + ["x"] * 8) == pytest.approx(0.6)  # (2 * 1/3 + 8 * 2/3) / 10
+    assert vqa_accuracy("nike", ["nike"] * 3 + ["x"] * 7) == pytest.approx(0.9)  # (3 * 2/3 + 7) / 10
+    assert vqa_accuracy("The Nike.", ["nike"] * 4 + ["x"] * 6) == 1.0
+    assert vqa_accuracy("puma", ["nike"] * 10) == 0.0
 
 
 # ---------------------------------------------------------------- CLI

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,17 +75,23 @@ class Answers:
         return {"n": len(self.missing), "ids": self.missing}
 
 
-def read_answers(path: Path, expected: Iterable) -> Answers:
-    """The answer file at `path`, checked against the `expected` question ids."""
+def question_id(row: dict) -> str:
+    return str(row["question_id"])
+
+
+def read_answers(path: Path, expected: Iterable, key: Callable[[dict], str] = question_id) -> Answers:
+    """The answer file at `path`, checked against the `expected` question ids. `key` makes a
+    row's id where the question id alone is not one (TextVQA's: image id and question)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing {path}: expected the answer file (JSON lines in LLaVA's answer format)")
     rows = read_jsonl(path)
     for i, row in enumerate(rows, 1):
-        for key in ("question_id", "text"):
-            if key not in row:
-                raise DataError(f"{path}: answer {i} has no '{key}' (LLaVA's answer format has question_id and text)")
-    counts = Counter(str(r["question_id"]) for r in rows)
+        for name in ("question_id", "text"):
+            if name not in row:
+                raise DataError(f"{path}: answer {i} has no '{name}' (LLaVA's answer format has question_id and text)")
+    keys = [key(r) for r in rows]
+    counts = Counter(keys)
     expected = [str(q) for q in expected]
     known = set(expected)
     duplicated = [q for q, n in counts.items() if n > 1]
@@ -97,5 +103,5 @@ def read_answers(path: Path, expected: Iterable) -> Answers:
         problems.append(f"{len(duplicated)} question id(s) answered more than once: {_ids(duplicated)}")
     if problems:
         raise DataError(f"{path}: " + "; ".join(problems))
-    text = {str(r["question_id"]): str(r["text"]) for r in rows}
+    text = {k: str(r["text"]) for k, r in zip(keys, rows)}
     return Answers(path, text, missing=[q for q in expected if q not in text])
