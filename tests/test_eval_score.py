@@ -407,3 +407,12 @@ def test_cli_eval_model_is_eval_run(tmp_path):
     for args in (["eval", str(tmp_path)], ["eval", "run", str(tmp_path)]):
         out = tinylmm(*args)
         assert out.returncode == 2 and "is not a tinylmm checkpoint" in out.stderr, out.stderr
+
+
+def test_training_cannot_name_a_score_only_benchmark():
+    from tinylmm.config import resolve
+
+    with pytest.raises(
+        ConfigError, match="benchmark 'pope' in eval.bench cannot be run on a model; those that can: shapes"
+    ):
+        resolve("toy", "share", ["eval.bench=[pope]"])
