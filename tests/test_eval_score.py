@@ -13,7 +13,7 @@ from tests.test_cli import ENV
 from tinylmm.api import score_answers
 from tinylmm.errors import ConfigError, DataError
 from tinylmm.eval.gqa import convert
-from tinylmm.eval.pope import read_exact
+from tinylmm.eval.pope import binary_metrics, read_exact
 from tinylmm.eval.scienceqa import FAILED, choice_index, parse_choice
 from tinylmm.eval.textvqa import normalize, question_of, vqa_accuracy
 
@@ -104,6 +104,11 @@ def test_pope_lmms_eval_rule(tmp_path):
 )
 def test_lmms_eval_reading_is_exact_after_lower_strip(text, read):
     assert read_exact(text) == read
+
+
+def test_binary_metrics_wants_yes_no_labels():
+    with pytest.raises(ValueError, match="not 'Yes'"):
+        binary_metrics(["yes"], ["Yes"])
 
 
 def test_pope_answer_order_does_not_matter(tmp_path):

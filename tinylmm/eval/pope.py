@@ -68,6 +68,8 @@ def binary_metrics(answers: Sequence[str], labels: Sequence[str], rule: str = "l
         raise ValueError(f"{len(answers)} answers for {len(labels)} labels")
     if not labels:
         raise ValueError("no answers to score")
+    if bad := sorted({g for g in labels if g not in ("yes", "no")}):
+        raise ValueError(f"POPE labels are 'yes' or 'no', not {', '.join(map(repr, bad))}")
     pred = [READERS[rule](a) for a in answers]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, labels))
     fp = sum(p == "yes" and g == "no" for p, g in zip(pred, labels))
