@@ -18,6 +18,7 @@ from tinylmm.api.commands import (
     plot_run,
     register_zoo,
     resolve_config,
+    score_answers,
     train_run,
 )
 from tinylmm.api.launch import launch
@@ -44,6 +45,7 @@ __all__ = [
     "plot_run",
     "register_zoo",
     "resolve_config",
+    "score_answers",
     "serve",
     "serve_app",
     "split_launch_command",

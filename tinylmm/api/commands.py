@@ -4,11 +4,12 @@ and prints). Each function imports the part of the house it needs when called, s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from tinylmm.catalog import accelerate_configs, recipes, zoo
-from tinylmm.errors import ConfigError, unknown
+from tinylmm.errors import ConfigError, DataError, unknown
 
 LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks", "accelerate")
 
@@ -287,10 +288,10 @@ def export_checkpoint(src, out, *, to: str = "hf-llava") -> tuple[Path, list[str
 def evaluate_checkpoint(
     model_dir, bench: str = "shapes", *, out=None, data=None, batch_size: int = 32, max_new_tokens: int = 8
 ):
-    """`tinylmm eval`: score a checkpoint on a benchmark; returns (summary, results path)."""
-    from tinylmm.eval import BENCHMARKS
+    """`tinylmm eval run`: score a checkpoint on a benchmark; returns (summary, results path)."""
+    from tinylmm.eval.base import benchmark_that_can
 
-    benchmark = BENCHMARKS.get(bench)
+    benchmark = benchmark_that_can(bench, "evaluate")
     model_dir = Path(model_dir)
     model, processor = load(model_dir)
     data = Path(data) if data is not None else benchmark.data_for(model_dir, processor)
@@ -298,6 +299,29 @@ def evaluate_checkpoint(
     out = Path(out) if out else Path(os.path.abspath(model_dir)).parent / "eval" / f"{bench}.json"
     summary = benchmark.evaluate(model, processor, data, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return summary, out
+
+
+def score_answers(bench: str, data, answers, *, rule: str | None = None, out=None):
+    """`tinylmm eval score`: an answer file (LLaVA's answer format) scored against a benchmark
+    folder in LLaVA-1.5's eval layout, no model; returns (scores, scores path). The rule is the
+    benchmark's first (LLaVA's) unless named; scores go to `out`, by default beside the answers
+    as <answers stem>.scores.json."""
+    from tinylmm.eval.base import benchmark_that_can
+
+    benchmark = benchmark_that_can(bench, "score")
+    rule = rule or benchmark.rules[0]
+    if rule not in benchmark.rules:
+        raise unknown(f"answer rule for {bench}", rule, benchmark.rules)
+    data, answers = Path(data), Path(answers)
+    if not data.is_dir():
+        raise DataError(
+            f"missing {data}: expected the {bench} folder of LLaVA-1.5's eval layout (playground/data/eval/{bench}/)"
+        )
+    scores = benchmark.score(data, answers, rule)
+    out = Path(out) if out else answers.with_name(f"{answers.stem}.scores.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores, out
 
 
 def plot_run(run_dir) -> list[Path]:

@@ -20,7 +20,7 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("chat")(chat.chat)
 app.command("serve")(serve.serve)
-app.command("eval")(evaluate.evaluate)
+app.add_typer(evaluate.app, name="eval")
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
 app.command("export")(export.export)

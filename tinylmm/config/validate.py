@@ -9,7 +9,7 @@ import math
 from tinylmm import trainability
 from tinylmm.data.templates import TEMPLATES
 from tinylmm.errors import ConfigError, unknown
-from tinylmm.eval import BENCHMARKS
+from tinylmm.eval.base import benchmark_that_can
 from tinylmm.models.connectors import connector_options
 from tinylmm.models.vision import VISION_BACKENDS
 from tinylmm.schema import COMPONENTS, RunConfig
@@ -26,7 +26,7 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")
     for bench in cfg.eval.bench:
-        BENCHMARKS.get(bench, "eval.bench")
+        benchmark_that_can(bench, "evaluate", "eval.bench")
     for name, st in cfg.stages.items():
         where = f"stages.{name}"
         if st.template is not None:

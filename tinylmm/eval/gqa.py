@@ -1,0 +1,50 @@
+"""GQA testdev-balanced, scored as LLaVA-1.5's scripts/v1_5/eval/gqa.sh does it.
+
+LLaVA's scripts/convert_gqa_for_eval.py turns each answer into a prediction:
+    text = res['text'].rstrip('.').lower()
+then GQA's official eval.py (`--tier testdev_balanced`) compares, for each question of
+`testdev_balanced_questions.json`: `correct = (predicted == gold)` with gold its "answer", and
+counts it in the accuracy `if question["isBalanced"]`. The official script stops on a
+question with no prediction (KeyError); here it is scored wrong and listed under `missing`.
+
+Layout (LLaVA's docs/Evaluation.md: GQA's data and eval scripts under gqa/data):
+    gqa/data/testdev_balanced_questions.json   GQA's questions: {question id: {"answer", "isBalanced", ...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinylmm.eval.answers import layout_file, read_answers, read_json
+from tinylmm.eval.base import BENCHMARKS
+
+QUESTIONS = "data/testdev_balanced_questions.json"
+
+
+def convert(text: str) -> str:
+    """LLaVA's conversion of an answer to a GQA prediction."""
+    return text.rstrip(".").lower()
+
+
+def score_gqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
+    questions = read_json(layout_file(Path(data), QUESTIONS, "GQA's testdev-balanced questions"))
+    answers = read_answers(answers_path, questions)
+    balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
+    right = sum(
+        (text := answers.get(qid)) is not None and convert(text) == questions[qid]["answer"] for qid in balanced
+    )
+    return {
+        "bench": "gqa",
+        "rule": rule,
+        "n": len(balanced),
+        "metrics": {"accuracy": right / len(balanced) if balanced else 0.0},
+        "missing": answers.report(),
+    }
+
+
+@BENCHMARKS.register("gqa")
+class GQABenchmark:
+    """GQA testdev-balanced, LLaVA's conversion and GQA's exact match, from LLaVA-1.5's eval layout."""
+
+    rules = ("llava",)
+    score = staticmethod(score_gqa)

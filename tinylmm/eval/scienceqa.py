@@ -1,0 +1,94 @@
+"""ScienceQA-IMG, scored as LLaVA's `llava/eval/eval_science_qa.py` does.
+
+LLaVA's parse of an answer's text, with options A-E (`--options`, its default):
+    if pred_text in args.options: answer = pred_text
+    elif len(pred_text) >= 3 and pred_text[0] in args.options and pred_text[1:3] == ". ": answer = pred_text[0]
+    else: re.compile(r'The answer is ([A-Z]).').findall(pred_text), used if it finds exactly one,
+          else answer = "FAILED"
+then `get_pred_idx`: the letter's index if it is among the first len(choices) options, else -1;
+the answer is right when that index is the problem's `answer`. A question with no answer is
+"FAILED" (wrong), as in LLaVA's script.
+
+Layout (LLaVA's docs/Evaluation.md, scripts/v1_5/eval/sqa.sh), in scienceqa/:
+    llava_test_CQM-A.json   LLaVA's questions: [{"id", "conversations", "image"?}]
+    problems.json           ScienceQA's problems: {pid: {"choices", "answer", ...}}
+    pid_splits.json         ScienceQA's splits: {"test": [pid, ...], ...}
+The scored questions are the test split's. `img_accuracy` is over those with an image (an
+"image" in llava_test_CQM-A.json). LLaVA's script tells image questions by '<image>' in the
+answer's prompt, so an unanswered image question leaves its IMG total there; here it stays
+in, counted wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tinylmm.errors import DataError
+from tinylmm.eval.answers import layout_file, read_answers, read_json
+from tinylmm.eval.base import BENCHMARKS
+
+OPTIONS = ("A", "B", "C", "D", "E")
+FAILED = "FAILED"
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def parse_choice(text: str) -> str:
+    """The letter LLaVA's eval_science_qa.py reads from `text`, or "FAILED"."""
+    if text in OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else FAILED
+
+
+def choice_index(letter: str, n_choices: int) -> int:
+    """LLaVA's get_pred_idx: the letter's index among the problem's options, else -1."""
+    return OPTIONS.index(letter) if letter in OPTIONS[:n_choices] else -1
+
+
+def score_scienceqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
+    data = Path(data)
+    questions = read_json(layout_file(data, "llava_test_CQM-A.json", "LLaVA's ScienceQA test questions"))
+    problems = read_json(layout_file(data, "problems.json", "ScienceQA's problems.json"))
+    splits = read_json(layout_file(data, "pid_splits.json", "ScienceQA's pid_splits.json"))
+    if "test" not in splits:
+        raise DataError(f"{data / 'pid_splits.json'} has no 'test' split")
+    test = [str(p) for p in splits["test"]]
+    has_image = {str(q["id"]): "image" in q for q in questions}
+    for pid in test:
+        if pid not in problems:
+            raise DataError(f"test problem {pid} of {data / 'pid_splits.json'} is not in {data / 'problems.json'}")
+        if pid not in has_image:
+            raise DataError(
+                f"test problem {pid} of {data / 'pid_splits.json'} is not in {data / 'llava_test_CQM-A.json'}"
+            )
+    answers = read_answers(answers_path, test)
+    right, failed = {}, 0
+    for pid in test:
+        text = answers.get(pid)
+        letter = FAILED if text is None else parse_choice(text)
+        failed += letter == FAILED
+        right[pid] = choice_index(letter, len(problems[pid]["choices"])) == problems[pid]["answer"]
+    img = [pid for pid in test if has_image[pid]]
+    return {
+        "bench": "scienceqa",
+        "rule": rule,
+        "n": len(test),
+        "metrics": {
+            "img_accuracy": sum(right[p] for p in img) / len(img) if img else 0.0,
+            "accuracy": sum(right.values()) / len(test) if test else 0.0,
+        },
+        "n_img": len(img),
+        "failed": failed,  # answers no parse could read ("FAILED"), unanswered ones included
+        "missing": answers.report(),
+    }
+
+
+@BENCHMARKS.register("scienceqa")
+class ScienceQABenchmark:
+    """ScienceQA test (IMG accuracy and overall), LLaVA's answer parse, from LLaVA-1.5's eval layout."""
+
+    rules = ("llava",)
+    score = staticmethod(score_scienceqa)
