@@ -130,7 +130,7 @@ def test_pope_bad_answer_ids_are_counted_and_named(tmp_path):
     with pytest.raises(DataError, match="answer 1 has no 'text'"):
         score_answers("pope", data, path)
     path.write_text('{"question_id": 1, "text": "yes"}\nnot json\n')
-    with pytest.raises(DataError, match="bad.jsonl line 2 is not JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not JSON"):
         score_answers("pope", data, path)
 
 

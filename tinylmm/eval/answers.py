@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinylmm.data.jsonl import read_jsonl
 from tinylmm.errors import DataError
 
 SHOWN_IDS = 10  # ids quoted in a message; the count says how many there are in all
@@ -36,21 +37,6 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not JSON: {e}") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lineno} is not JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {lineno} is not a JSON object")
-        rows.append(row)
-    return rows
 
 
 def _ids(ids: Iterable[str]) -> str:
@@ -73,6 +59,17 @@ class Answers:
 
     def report(self) -> dict:
         return {"n": len(self.missing), "ids": self.missing}
+
+
+def accuracy_scores(bench: str, rule: str, n: int, right: float, answers: Answers) -> dict:
+    """scores.json for a benchmark whose one metric is accuracy over `n` questions."""
+    return {
+        "bench": bench,
+        "rule": rule,
+        "n": n,
+        "metrics": {"accuracy": right / n if n else 0.0},
+        "missing": answers.report(),
+    }
 
 
 def question_id(row: dict) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinylmm.eval.answers import layout_file, read_answers, read_json
+from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
 from tinylmm.eval.base import BENCHMARKS
 
 QUESTIONS = "data/testdev_balanced_questions.json"
@@ -33,13 +33,7 @@ def score_gqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
     right = sum(
         (text := answers.get(qid)) is not None and convert(text) == questions[qid]["answer"] for qid in balanced
     )
-    return {
-        "bench": "gqa",
-        "rule": rule,
-        "n": len(balanced),
-        "metrics": {"accuracy": right / len(balanced) if balanced else 0.0},
-        "missing": answers.report(),
-    }
+    return accuracy_scores("gqa", rule, len(balanced), right, answers)
 
 
 @BENCHMARKS.register("gqa")

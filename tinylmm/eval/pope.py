@@ -36,9 +36,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tinylmm.data.jsonl import read_jsonl
 from tinylmm.data.pope import STRATEGIES
 from tinylmm.errors import DataError, unknown
-from tinylmm.eval.answers import layout_file, read_answers, read_jsonl
+from tinylmm.eval.answers import layout_file, read_answers
 from tinylmm.eval.base import BENCHMARKS
 
 QUESTIONS = "llava_pope_test.jsonl"

@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 
 from tinylmm.errors import DataError
-from tinylmm.eval.answers import layout_file, read_answers, read_json
+from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
 from tinylmm.eval.base import BENCHMARKS
 
 ANNOTATIONS = "TextVQA_0.5.1_val.json"
@@ -131,13 +131,7 @@ def score_textvqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
 
     answers = read_answers(answers_path, by_key, key=key)
     total = sum(vqa_accuracy(t, a["answers"]) for k, a in by_key.items() if (t := answers.get(k)) is not None)
-    return {
-        "bench": "textvqa",
-        "rule": rule,
-        "n": len(by_key),
-        "metrics": {"accuracy": total / len(by_key) if by_key else 0.0},
-        "missing": answers.report(),
-    }
+    return accuracy_scores("textvqa", rule, len(by_key), total, answers)
 
 
 @BENCHMARKS.register("textvqa")

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from tinylmm.data.processor import Processor, SampleError
 from tinylmm.serve.batcher import Batcher, Job
-from tinylmm.serve.requests import RequestError, parse_chat_request
+from tinylmm.serve.requests import RequestError, parse_chat_request, unknown_model
 
 PAGE = Path(__file__).with_name("page.html")
 DEFAULT_MAX_TOKENS = 256  # a request that names no max_tokens gets at most this many
@@ -94,12 +94,7 @@ def create_app(
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str):
         if name != model_name:
-            raise RequestError(
-                f"the model '{name}' does not exist; this server serves '{model_name}'",
-                status=404,
-                code="model_not_found",
-                param="model",
-            )
+            raise unknown_model(name, model_name)
         return model_card()
 
     @app.post("/v1/chat/completions")

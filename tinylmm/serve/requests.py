@@ -56,17 +56,21 @@ class ChatRequest:
     include_usage: bool
 
 
+def unknown_model(name, model_name: str) -> RequestError:
+    return RequestError(
+        f"the model '{name}' does not exist; this server serves '{model_name}' (GET /v1/models)",
+        status=404,
+        code="model_not_found",
+        param="model",
+    )
+
+
 def parse_chat_request(body, *, model_name: str, max_image_bytes: int, require_image: bool) -> ChatRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
     if model != model_name:
-        raise RequestError(
-            f"the model '{model}' does not exist; this server serves '{model_name}' (GET /v1/models)",
-            status=404,
-            code="model_not_found",
-            param="model",
-        )
+        raise unknown_model(model, model_name)
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], False):
             raise RequestError(f"'{key}' is not supported by this server", code="unsupported_parameter", param=key)

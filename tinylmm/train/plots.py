@@ -4,28 +4,15 @@ evaluation's accuracy per question type. matplotlib is imported when a picture i
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from tinylmm.errors import DataError
+from tinylmm.data.jsonl import read_jsonl
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl, one JSON object a line (blank lines skipped)."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {number}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: a record is a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+    """The records of a metrics.jsonl."""
+    return read_jsonl(path)
 
 
 def step_records(records: list[dict]) -> list[dict]:
