@@ -5,11 +5,13 @@ from tinylmm.api import zoo
 from tinylmm.api.commands import (
     LISTINGS,
     ChatSession,
+    answer_benchmark,
     build,
     convert_checkpoint,
     copy_recipe,
     copy_shipped,
     evaluate_checkpoint,
+    evaluates_itself,
     export_checkpoint,
     listing,
     load,
@@ -30,6 +32,7 @@ zoo_describe = zoo.describe
 
 __all__ = [
     "LISTINGS",
+    "answer_benchmark",
     "ChatSession",
     "build",
     "convert_checkpoint",
@@ -37,6 +40,7 @@ __all__ = [
     "copy_recipe",
     "copy_shipped",
     "evaluate_checkpoint",
+    "evaluates_itself",
     "export_checkpoint",
     "listing",
     "load",

@@ -301,6 +301,63 @@ def evaluate_checkpoint(
     return summary, out
 
 
+def evaluates_itself(bench: str) -> bool:
+    """Whether the benchmark `bench` runs on a model and scores itself (the built-in shapes)."""
+    from tinylmm.eval.base import BENCHMARKS
+
+    return hasattr(BENCHMARKS.get(bench), "evaluate")
+
+
+def answer_benchmark(
+    model_dir,
+    bench: str,
+    data,
+    *,
+    answers=None,
+    images=None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    on_batch=None,
+):
+    """`tinylmm eval run --data`: answer a benchmark's question file (LLaVA-1.5's eval layout)
+    with a checkpoint into an answer file in LLaVA's format, resuming one already begun.
+    `answers` defaults to <model_dir>/../eval/<bench>-answers.jsonl, `images` to the layout's
+    image folder; `limit`: only the first N questions. Returns the AnswerReport."""
+    from tinylmm.eval.answering import answer_questions
+    from tinylmm.eval.base import benchmark_that_can
+
+    benchmark = benchmark_that_can(bench, "questions")
+    data = Path(data)
+    if not data.is_dir():
+        raise DataError(
+            f"missing {data}: expected the {bench} folder of LLaVA-1.5's eval layout (playground/data/eval/{bench}/)"
+        )
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    questions = benchmark.questions(data)[:limit]
+    images = Path(images) if images is not None else data / benchmark.images
+    if not images.is_dir() and any(q.image is not None for q in questions):
+        raise DataError(f"missing {images}: expected the {bench} images (--images, or '{benchmark.images}' in {data})")
+    model_dir = Path(model_dir)
+    run_side = Path(os.path.abspath(model_dir)).parent
+    answers = Path(answers) if answers else run_side / "eval" / f"{bench}-answers.jsonl"
+    model, processor = load(model_dir)
+    return answer_questions(
+        model.eval(),
+        processor,
+        questions,
+        images,
+        answers,
+        model_id=f"{run_side.name}/{model_dir.name}",
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        on_batch=on_batch,
+    )
+
+
 def score_answers(bench: str, data, answers, *, rule: str | None = None, out=None):
     """`tinylmm eval score`: an answer file (LLaVA's answer format) scored against a benchmark
     folder in LLaVA-1.5's eval layout, no model; returns (scores, scores path). The rule is the

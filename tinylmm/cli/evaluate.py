@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from tinylmm import api
+from tinylmm.errors import ConfigError
 from tinylmm.train.progress import Reporter
 
 
@@ -34,18 +35,61 @@ app = typer.Typer(
 def evaluate(
     model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
     bench: str = typer.Option("shapes", "--bench", "-b", help="benchmark name"),
-    out: Optional[Path] = typer.Option(None, "--out", help="results JSON (default <model_dir>/../eval/<bench>.json)"),
-    data: Optional[Path] = typer.Option(
-        None, "--data", help="benchmark data folder (shapes: made on the fly if absent)"
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="shapes: results JSON (default <model_dir>/../eval/<bench>.json)"
     ),
-    batch_size: int = typer.Option(32, help="questions per generation batch"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="benchmark folder (LLaVA-1.5's eval layout; shapes: made on the fly if absent)"
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="image folder (default: where the layout keeps them, e.g. pope/val2014)"
+    ),
+    answers: Optional[Path] = typer.Option(
+        None,
+        "--answers",
+        help="answer file to write or resume, LLaVA's format (default <model_dir>/../eval/<bench>-answers.jsonl)",
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="answer only the first N questions"),
+    batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer length cap in tokens (shapes 8, else 128)"),
 ):
-    """Evaluate a checkpoint on a benchmark and write the scores as JSON."""
+    """Answer a benchmark with a checkpoint: the built-in shapes scores itself; a benchmark
+    folder (--data, LLaVA-1.5's layout) is answered into an answer file for `eval score`."""
     from rich.console import Console
 
-    result, path = api.evaluate_checkpoint(model_dir, bench, out=out, data=data, batch_size=batch_size)
-    Reporter(Console(), True, Path("/dev/null")).eval_table(result)
-    Console().print(f"results: {path}")
+    console = Console()
+    if answers is None and images is None and limit is None and api.evaluates_itself(bench):
+        result, path = api.evaluate_checkpoint(
+            model_dir, bench, out=out, data=data, batch_size=batch_size or 32, max_new_tokens=max_new_tokens or 8
+        )
+        Reporter(console, True, Path("/dev/null")).eval_table(result)
+        console.print(f"results: {path}")
+        return
+    if out is not None:
+        raise ConfigError("--out is the built-in shapes results file; an answer file goes to --answers")
+    if data is None:
+        raise ConfigError(f"--data is needed: the {bench} folder of LLaVA-1.5's eval layout")
+    report = api.answer_benchmark(
+        model_dir,
+        bench,
+        data,
+        answers=answers,
+        images=images,
+        limit=limit,
+        batch_size=batch_size or 8,
+        max_new_tokens=max_new_tokens or 128,
+    )
+    console.print(
+        f"{report.answered} question(s) answered, {report.skipped} already in the answer file, of {report.total}"
+    )
+    if report.missing_images:
+        ids = report.missing_images
+        console.print(
+            f"[yellow]{len(ids)} question(s) not answered, their image is missing: {', '.join(ids[:10])}"
+            + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+        )
+    console.print(f"answers: {report.answers}")
+    console.print(f"score it: tinylmm eval score --bench {bench} --data {data} --answers {report.answers}")
 
 
 @app.command("score")

@@ -7,6 +7,11 @@ run by a model (`tinylmm eval run`, and training's `eval.bench`):
         and returns the summary (at least `bench`, `n`, `accuracy`)
     data_for(model_dir, processor) -> Path
         its data when none is given: the run's own, or where it is installed or made
+answered by a model into an answer file (`tinylmm eval run --data DIR`; eval/answering.py):
+    questions(data) -> list[Question]
+        the questions of LLaVA's question file in the benchmark folder `data`
+    images: str
+        where the layout keeps the images, relative to `data` (the script's --image-folder)
 scoring an answer file (`tinylmm eval score`, no model):
     rules: tuple[str, ...]
         the answer rules it knows, the default (LLaVA's) first
@@ -22,11 +27,15 @@ from tinylmm.registry import Registry
 
 BENCHMARKS: Registry = Registry("benchmark")
 
-ABILITIES = {"evaluate": "be run on a model", "score": "score an answer file"}
+ABILITIES = {
+    "evaluate": "be run on a model",
+    "questions": "be answered into an answer file",
+    "score": "score an answer file",
+}
 
 
 def benchmark_that_can(name: str, ability: str, where: str | None = None):
-    """The benchmark `name`, which must provide `ability` ("evaluate" or "score")."""
+    """The benchmark `name`, which must provide `ability` ("evaluate", "questions" or "score")."""
     entry = BENCHMARKS.get(name, where)
     if not hasattr(entry, ability):
         able = sorted(n for n, b in BENCHMARKS.items() if hasattr(b, ability))

@@ -9,16 +9,20 @@ question with no prediction (KeyError); here it is scored wrong and listed under
 
 Layout (LLaVA's docs/Evaluation.md: GQA's data and eval scripts under gqa/data):
     gqa/data/testdev_balanced_questions.json   GQA's questions: {question id: {"answer", "isBalanced", ...}}
+    gqa/llava_gqa_testdev_balanced.jsonl      LLaVA's question file, answered by `eval run`
+    gqa/data/images/                          the images (gqa.sh's --image-folder)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tinylmm.eval.answering import read_question_jsonl
 from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
 from tinylmm.eval.base import BENCHMARKS
 
 QUESTIONS = "data/testdev_balanced_questions.json"
+LLAVA_QUESTIONS = "llava_gqa_testdev_balanced.jsonl"
 
 
 def convert(text: str) -> str:
@@ -42,3 +46,8 @@ class GQABenchmark:
 
     rules = ("llava",)
     score = staticmethod(score_gqa)
+    images = "data/images"
+
+    @staticmethod
+    def questions(data: Path):
+        return read_question_jsonl(data, LLAVA_QUESTIONS, "LLaVA's GQA testdev-balanced question file")

@@ -29,20 +29,31 @@ commit e3e39262, whose random split has 2910 questions (8910 in all); later POPE
 
 Reported: per split, and in `metrics` the mean of each metric over the splits. LLaVA-1.5's
 paper reports the mean F1 of the three splits; TinyLLaVA's table reports accuracy.
+
+Answered by a model (`eval run --bench pope`): the questions of llava_pope_test.jsonl, images
+from `pope/val2014/` (pope.sh's `--image-folder`) unless given. `write_pope_layout` writes this
+layout from (image, question, label, split) rows: label files in POPE's own format
+(`{"question_id", "image", "text", "label"}`, RUCAIBox/POPE's output/coco/), question ids
+numbered from 1 across the splits in the order given, each image copied once into val2014/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinylmm.data.jsonl import read_jsonl
 from tinylmm.data.pope import STRATEGIES
 from tinylmm.errors import DataError, unknown
+from tinylmm.eval.answering import read_question_jsonl
 from tinylmm.eval.answers import layout_file, read_answers
 from tinylmm.eval.base import BENCHMARKS
 
 QUESTIONS = "llava_pope_test.jsonl"
+IMAGES = "val2014"
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
@@ -138,9 +149,51 @@ def score_pope(data: Path, answers_path: Path, rule: str = "llava") -> dict:
     }
 
 
+def pope_questions_of(data: Path):
+    return read_question_jsonl(data, QUESTIONS, "LLaVA's POPE question file")
+
+
+@dataclass(frozen=True)
+class PopeRow:
+    """One POPE question to write: the image file, the question, its label and split."""
+
+    image: Path
+    text: str
+    label: str
+    split: str
+
+
+def write_pope_layout(out: Path, rows: Iterable[PopeRow]) -> Path:
+    """LLaVA's POPE folder at `out` (must not hold one already): questions, label files, images."""
+    out = Path(out)
+    if (out / QUESTIONS).exists():
+        raise FileExistsError(f"'{out / QUESTIONS}' exists already; not overwriting a POPE folder")
+    (out / "coco").mkdir(parents=True, exist_ok=True)
+    (out / IMAGES).mkdir(exist_ok=True)
+    questions, labels = [], {split: [] for split in STRATEGIES}
+    for qid, row in enumerate(rows, 1):
+        if row.split not in labels or row.label not in ("yes", "no"):
+            raise ValueError(f"POPE question {qid}: split {row.split!r}, label {row.label!r}")
+        name = Path(row.image).name
+        if not (out / IMAGES / name).exists():
+            shutil.copyfile(row.image, out / IMAGES / name)
+        questions.append({"question_id": qid, "image": name, "text": row.text, "category": row.split})
+        labels[row.split].append({"question_id": qid, "image": name, "text": row.text, "label": row.label})
+
+    def jsonl(rows) -> str:
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    for split, rows_ in labels.items():
+        (out / "coco" / f"coco_pope_{split}.json").write_text(jsonl(rows_))
+    (out / QUESTIONS).write_text(jsonl(questions))
+    return out
+
+
 @BENCHMARKS.register("pope")
 class PopeBenchmark:
-    """POPE (object hallucination) on COCO, 3 splits, from LLaVA-1.5's eval layout (answer files scored)."""
+    """POPE (object hallucination) on COCO, 3 splits, from LLaVA-1.5's eval layout (answered, answers scored)."""
 
     rules = tuple(READERS)
     score = staticmethod(score_pope)
+    questions = staticmethod(pope_questions_of)
+    images = IMAGES

@@ -2,7 +2,11 @@
 after normalisation (case, surrounding spaces and final punctuation), per question type,
 with the chance level of each type (1 / number of possible answers). Its existence
 questions are POPE's three splits (random, popular, adversarial negatives), also scored by
-POPE's rule (`tinylmm.eval.pope`): accuracy, precision, recall, F1 and yes-ratio per split."""
+POPE's rule (`tinylmm.eval.pope`): accuracy, precision, recall, F1 and yes-ratio per split.
+
+`write_shapes_pope` writes those POPE questions in LLaVA's POPE layout, so that `eval run
+--bench pope` answers them and `eval score --bench pope` scores them as it scores COCO's: the
+question text is the shapes question without its image token, so the prompt is the same."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from PIL import Image
 
 from tinylmm.data.pope import STRATEGIES
 from tinylmm.data.shapes import write_shapes_dataset
+from tinylmm.data.templates.core import IMAGE_TOKEN
 from tinylmm.eval.base import BENCHMARKS
-from tinylmm.eval.pope import binary_metrics
+from tinylmm.eval.pope import PopeRow, binary_metrics, write_pope_layout
 from tinylmm.models.generation import generate_batch
 from tinylmm.schema import ShapesConfig
 
@@ -110,6 +115,27 @@ def shapes_data_for(model_dir: Path, processor) -> Path:
         n_pope=s.n_pope,
         image_size=size,
     )["images"]
+
+
+def write_shapes_pope(shapes_root: Path, out: Path) -> Path:
+    """The shapes world's POPE questions (eval.json's `pope_split` samples) as LLaVA's POPE folder `out`."""
+    shapes_root = Path(shapes_root)
+    eval_json = shapes_root / "eval.json"
+    if not eval_json.exists():
+        raise FileNotFoundError(f"no shapes eval split at '{eval_json}'")
+    rows = [
+        PopeRow(
+            image=shapes_root / s["image"],
+            text=s["conversations"][0]["value"].removeprefix(f"{IMAGE_TOKEN}\n"),
+            label=s["answer"],
+            split=s["pope_split"],
+        )
+        for s in json.loads(eval_json.read_text())
+        if "pope_split" in s
+    ]
+    if not rows:
+        raise ValueError(f"{eval_json} has no POPE questions (shapes.n_pope=0)")
+    return write_pope_layout(out, rows)
 
 
 @BENCHMARKS.register("shapes")

@@ -29,6 +29,8 @@ under `missing`.
 
 Layout (LLaVA's docs/Evaluation.md), in textvqa/:
     TextVQA_0.5.1_val.json   TextVQA's annotations: {"data": [{"image_id", "question", "answers"}]}
+    llava_textvqa_val_v051_ocr.jsonl   LLaVA's questions (with OCR tokens), answered by `eval run`
+    train_images/            the images (textvqa.sh's --image-folder)
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import re
 from pathlib import Path
 
 from tinylmm.errors import DataError
+from tinylmm.eval.answering import read_question_jsonl
 from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
 from tinylmm.eval.base import BENCHMARKS
 
 ANNOTATIONS = "TextVQA_0.5.1_val.json"
+QUESTIONS = "llava_textvqa_val_v051_ocr.jsonl"
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
 NUMBERS |= {"six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -140,3 +144,8 @@ class TextVQABenchmark:
 
     rules = ("llava",)
     score = staticmethod(score_textvqa)
+    images = "train_images"
+
+    @staticmethod
+    def questions(data: Path):
+        return read_question_jsonl(data, QUESTIONS, "LLaVA's TextVQA question file (OCR-token prompts)")

@@ -1,0 +1,132 @@
+"""`tinylmm eval run --data`: a benchmark's question file answered by a tiny random model into
+an answer file in LLaVA's format (resumed, missing images reported), and the shapes-POPE round
+trip: written in LLaVA's POPE layout, answered, scored by `eval score` to the very numbers the
+built-in shapes evaluation computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import tinylmm
+
+from tinylmm.api import answer_benchmark, build, load, score_answers
+from tinylmm.data.jsonl import read_jsonl
+from tinylmm.data.shapes import write_shapes_dataset
+from tinylmm.errors import ConfigError, DataError
+from tinylmm.eval.pope import QUESTIONS
+from tinylmm.eval.shapes import evaluate_shapes, write_shapes_pope
+
+from conftest import TINY
+
+FORMAT = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random checkpoint, the shapes world's POPE (1 image, 18 questions), and its LLaVA layout."""
+    root = tmp_path_factory.mktemp("evalrun")
+    model, processor = build("toy", [o for o in TINY if o.startswith("model.")])
+    model.save(root / "run" / "final", processor)
+    shapes = write_shapes_dataset(
+        root / "shapes", n_caption=0, n_instruct=0, n_eval=0, n_pope=1, image_size=processor.image_processor.size
+    )["images"]
+    return root / "run" / "final", shapes, write_shapes_pope(shapes, root / "pope")
+
+
+def test_shapes_pope_layout_is_llavas(world):
+    _, shapes, pope = world
+    questions = read_jsonl(pope / QUESTIONS)
+    assert len(questions) == 18 and [q["question_id"] for q in questions] == list(range(1, 19))
+    assert {q["category"] for q in questions} == {"random", "popular", "adversarial"}
+    assert questions[0]["text"].startswith("Is there ") and "<image>" not in questions[0]["text"]
+    for split in ("random", "popular", "adversarial"):
+        labels = read_jsonl(pope / "coco" / f"coco_pope_{split}.json")
+        assert len(labels) == 6 and {lab["label"] for lab in labels} == {"yes", "no"}
+        assert set(labels[0]) == {"question_id", "image", "text", "label"}
+    assert (pope / "val2014" / questions[0]["image"]).is_file()
+    with pytest.raises(FileExistsError, match="not overwriting"):
+        write_shapes_pope(shapes, pope)
+
+
+def test_round_trip_scores_equal_the_builtin_shapes_pope(world, tmp_path):
+    ckpt, shapes, pope = world
+    report = answer_benchmark(ckpt, "pope", pope, answers=tmp_path / "a.jsonl", batch_size=1, max_new_tokens=3)
+    assert (report.total, report.answered, report.skipped, report.missing_images) == (18, 18, 0, [])
+    rows = read_jsonl(tmp_path / "a.jsonl")
+    assert all(set(r) == FORMAT for r in rows) and rows[0]["model_id"] == "run/final"
+    assert len({r["answer_id"] for r in rows}) == 18
+    scores, _ = score_answers("pope", pope, tmp_path / "a.jsonl")
+
+    model, processor = load(ckpt)
+    builtin = evaluate_shapes(model, processor, shapes, out=tmp_path / "shapes.json", batch_size=1, max_new_tokens=3)
+    predictions = [p["prediction"] for p in json.loads((tmp_path / "shapes.json").read_text())["predictions"]]
+    # the same prompts give the same greedy answers, in eval.json's order (question ids 1..18)
+    assert [r["text"] for r in sorted(rows, key=lambda r: r["question_id"])] == predictions
+    assert scores["splits"] == builtin["pope"] and scores["n"] == 18 and scores["missing"]["n"] == 0
+
+
+def test_a_missing_image_is_reported_not_a_crash(world, tmp_path):
+    ckpt, _, pope = world
+    questions = tmp_path / "pope" / QUESTIONS
+    questions.parent.mkdir()
+    first = read_jsonl(pope / QUESTIONS)[:2]
+    gone = {"question_id": 99, "image": "gone.png", "text": "Is there a cat in the image?", "category": "random"}
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [first[0], gone, first[1]]))
+    report = answer_benchmark(ckpt, "pope", questions.parent, images=pope / "val2014", answers=tmp_path / "a.jsonl")
+    assert report.missing_images == ["99"] and report.answered == 2
+    assert [r["question_id"] for r in read_jsonl(tmp_path / "a.jsonl")] == [1, 2]
+
+
+def test_bad_input_names_the_thing_at_fault(world, tmp_path):
+    ckpt, _, pope = world
+    with pytest.raises(DataError, match="llava_pope_test.jsonl: expected LLaVA's POPE question file"):
+        answer_benchmark(ckpt, "pope", tmp_path)
+    with pytest.raises(DataError, match="nowhere: expected the pope images"):
+        answer_benchmark(ckpt, "pope", pope, images=tmp_path / "nowhere", answers=tmp_path / "a.jsonl")
+    with pytest.raises(ConfigError, match="cannot be answered into an answer file; those that can: gqa, pope"):
+        answer_benchmark(ckpt, "scienceqa", pope)
+    with pytest.raises(ConfigError, match="--limit must be at least 1"):
+        answer_benchmark(ckpt, "pope", pope, limit=0)
+
+
+def test_cli_run_resumes_an_answer_file(world, tmp_path):
+    ckpt, _, pope = world
+    answers = tmp_path / "eval" / "pope-answers.jsonl"
+    first = answer_benchmark(ckpt, "pope", pope, answers=answers, limit=5, batch_size=2, max_new_tokens=2)
+    assert (first.total, first.answered) == (5, 5) and len(read_jsonl(answers)) == 5
+    done = tinylmm(
+        "eval", "run", str(ckpt), "--bench", "pope", "--data", str(pope), "--answers", str(answers),
+        "--batch-size", "4", "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "13 question(s) answered, 5 already in the answer file, of 18" in " ".join(done.stdout.split())
+    ids = [r["question_id"] for r in read_jsonl(answers)]
+    assert sorted(ids) == list(range(1, 19))  # each once: the first 5 were not asked again
+    refused = tinylmm("eval", str(ckpt), "--bench", "pope", "--limit", "3")
+    assert refused.returncode == 2 and "--data is needed" in refused.stderr
+
+
+def test_textvqa_questions_of_one_image_are_told_apart_by_prompt(world, tmp_path):
+    """TextVQA's question ids are image ids: two questions on one image are both answered,
+    resumed by (id, prompt), and the answers' prompts let `eval score` find their annotations."""
+    from PIL import Image
+
+    ckpt, _, _ = world
+    data = tmp_path / "textvqa"
+    (data / "train_images").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(data / "train_images" / "img1.jpg")
+    asked = ["what brand is it?", "what is written on the sign?"]
+    rows = [
+        {"question_id": "img1", "image": "img1.jpg", "text": f"{q}\nReference OCR token: ACME\nAnswer briefly."}
+        for q in asked
+    ]
+    (data / "llava_textvqa_val_v051_ocr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    annotations = {"data": [{"image_id": "img1", "question": q, "answers": ["acme"] * 10} for q in asked]}
+    (data / "TextVQA_0.5.1_val.json").write_text(json.dumps(annotations))
+    answers = tmp_path / "t.jsonl"
+    first = answer_benchmark(ckpt, "textvqa", data, answers=answers, max_new_tokens=2)
+    again = answer_benchmark(ckpt, "textvqa", data, answers=answers, max_new_tokens=2)
+    assert (first.answered, again.answered, again.skipped) == (2, 0, 2)
+    scores, _ = score_answers("textvqa", data, answers)
+    assert scores["n"] == 2 and scores["missing"]["n"] == 0
