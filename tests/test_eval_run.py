@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_cli import tinylmm
 
 from tinylmm.api import answer_benchmark, build, load, score_answers
@@ -27,6 +28,11 @@ def world(tmp_path_factory):
     """A tiny random checkpoint, the shapes world's POPE (1 image, 18 questions), and its LLaVA layout."""
     root = tmp_path_factory.mktemp("evalrun")
     model, processor = build("toy", [o for o in TINY if o.startswith("model.")])
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: freshly initialised, it repeats one token whatever the prompt
+        for w in model.parameters():
+            if w.dim() > 1:
+                w.normal_(0, 0.2)
     model.save(root / "run" / "final", processor)
     shapes = write_shapes_dataset(
         root / "shapes", n_caption=0, n_instruct=0, n_eval=0, n_pope=1, image_size=processor.image_processor.size
@@ -63,6 +69,7 @@ def test_round_trip_scores_equal_the_builtin_shapes_pope(world, tmp_path):
     predictions = [p["prediction"] for p in json.loads((tmp_path / "shapes.json").read_text())["predictions"]]
     # the same prompts give the same greedy answers, in eval.json's order (question ids 1..18)
     assert [r["text"] for r in sorted(rows, key=lambda r: r["question_id"])] == predictions
+    assert len(set(predictions)) > 1  # answers that depend on the question: a mix-up would show
     assert scores["splits"] == builtin["pope"] and scores["n"] == 18 and scores["missing"]["n"] == 0
 
 
@@ -130,3 +137,27 @@ def test_textvqa_questions_of_one_image_are_told_apart_by_prompt(world, tmp_path
     assert (first.answered, again.answered, again.skipped) == (2, 0, 2)
     scores, _ = score_answers("textvqa", data, answers)
     assert scores["n"] == 2 and scores["missing"]["n"] == 0
+
+
+def test_greedy_batched_generation_equals_one_by_one_on_mixed_prompts(world):
+    """Left padding is masked: prompts of different lengths, with and without an image, answered
+    in one batch get the tokens each gets alone (as `eval run --batch-size` relies on)."""
+    from PIL import Image
+
+    from tinylmm.models.generation import generate_batch
+
+    ckpt, _, _ = world
+    model, processor = load(ckpt)
+    red, blue = Image.new("RGB", (32, 32), (220, 20, 20)), Image.new("RGB", (24, 40), (20, 20, 220))
+    convs = [
+        [("human", "<image>\nWhat color is the circle?")],
+        [("human", "How many shapes are there in the picture, counting every square and every circle?")],
+        [("human", "<image>\nIs there a blue square in the image? Answer with one word, yes or no.")],
+        [("human", "<image>\nShape?")],
+    ]
+    images = [[red], [], [blue], [red]]
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6}  # the whole length compared, no early stop
+    together = generate_batch(model, processor, convs, images, **kwargs)
+    alone = [generate_batch(model, processor, [c], [i], **kwargs)[0] for c, i in zip(convs, images)]
+    assert together == alone
+    assert len(set(together)) == len(convs)  # the answers depend on the prompt: a test that can fail
