@@ -161,3 +161,17 @@ def test_greedy_batched_generation_equals_one_by_one_on_mixed_prompts(world):
     alone = [generate_batch(model, processor, [c], [i], **kwargs)[0] for c, i in zip(convs, images)]
     assert together == alone
     assert len(set(together)) == len(convs)  # the answers depend on the prompt: a test that can fail
+
+
+def test_resuming_drops_a_last_line_cut_short(world, tmp_path):
+    ckpt, _, pope = world
+    answers = tmp_path / "a.jsonl"
+    answer_benchmark(ckpt, "pope", pope, answers=answers, limit=3, max_new_tokens=2)
+    whole = answers.read_text().splitlines()
+    answers.write_text("\n".join(whole[:2]) + "\n" + whole[2][:25])  # killed while writing the 3rd
+    again = answer_benchmark(ckpt, "pope", pope, answers=answers, limit=4, max_new_tokens=2)
+    assert (again.skipped, again.answered) == (2, 2)
+    assert [r["question_id"] for r in read_jsonl(answers)] == [1, 2, 3, 4]
+    answers.write_text(answers.read_text().rstrip("\n"))  # whole, only its newline missing
+    assert answer_benchmark(ckpt, "pope", pope, answers=answers, limit=5, max_new_tokens=2).answered == 1
+    assert [r["question_id"] for r in read_jsonl(answers)] == [1, 2, 3, 4, 5]

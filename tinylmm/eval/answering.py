@@ -11,7 +11,8 @@ one JSON line per question, flushed as it goes.
 
 Beyond LLaVA's script: the file is appended to, and a question already answered in it (the
 same question id and prompt: TextVQA's question ids are image ids, shared by the questions of
-one image) is skipped, so an interrupted run resumes. A question whose image is missing is
+one image) is skipped, so an interrupted run resumes; a last line cut short by the interruption
+is dropped and its question asked again. A question whose image is missing is
 not answered and is reported by id (its answer is then missing, scored wrong by `eval score`).
 """
 
@@ -75,10 +76,31 @@ class AnswerReport:
         }
 
 
+def mend_last_line(path: Path) -> None:
+    """An answer file ends with a newline before more is appended: a last line cut short (the
+    run was killed mid-write) is dropped, to be answered again; a whole one gets its newline."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+        whole = True
+    except ValueError:
+        whole = False
+    with path.open("r+b") as f:
+        if whole:
+            f.seek(0, 2)
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
 def answered_keys(path: Path) -> set[tuple[str, str]]:
     """The (question id, prompt) of each answer already in `path` (none when it does not exist)."""
     if not path.exists():
         return set()
+    mend_last_line(path)
     rows = read_jsonl(path)
     for i, row in enumerate(rows, 1):
         if "question_id" not in row:
