@@ -108,6 +108,7 @@ def test_cli_run_resumes_an_answer_file(world, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "13 question(s) answered, 5 already in the answer file, of 18" in " ".join(done.stdout.split())
+    assert "13/13" in done.stdout and "questions/s" in done.stdout  # the progress bar's last state
     ids = [r["question_id"] for r in read_jsonl(answers)]
     assert sorted(ids) == list(range(1, 19))  # each once: the first 5 were not asked again
     refused = tinylmm("eval", str(ckpt), "--bench", "pope", "--limit", "3")

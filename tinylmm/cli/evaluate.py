@@ -3,6 +3,8 @@ checkpoint and scores it; `eval score` scores an answer file in LLaVA's answer f
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -53,8 +55,10 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length cap in tokens (shapes 8, else 128)"),
 ):
-    """Answer a benchmark with a checkpoint: the built-in shapes scores itself; a benchmark
-    folder (--data, LLaVA-1.5's layout) is answered into an answer file for `eval score`."""
+    """Answer a benchmark with a checkpoint: shapes is scored at once, a --data folder answered into a file.
+
+    The built-in shapes benchmark scores itself; a benchmark folder in LLaVA-1.5's eval layout
+    (--data) is answered into an answer file in LLaVA's format, for `eval score`."""
     from rich.console import Console
 
     console = Console()
@@ -69,16 +73,18 @@ def evaluate(
         raise ConfigError("--out is the built-in shapes results file; an answer file goes to --answers")
     if data is None:
         raise ConfigError(f"--data is needed: the {bench} folder of LLaVA-1.5's eval layout")
-    report = api.answer_benchmark(
-        model_dir,
-        bench,
-        data,
-        answers=answers,
-        images=images,
-        limit=limit,
-        batch_size=batch_size or 8,
-        max_new_tokens=max_new_tokens or 128,
-    )
+    with answering_progress(console) as on_batch:
+        report = api.answer_benchmark(
+            model_dir,
+            bench,
+            data,
+            answers=answers,
+            images=images,
+            limit=limit,
+            batch_size=batch_size or 8,
+            max_new_tokens=max_new_tokens or 128,
+            on_batch=on_batch,
+        )
     console.print(
         f"{report.answered} question(s) answered, {report.skipped} already in the answer file, of {report.total}"
     )
@@ -88,8 +94,27 @@ def evaluate(
             f"[yellow]{len(ids)} question(s) not answered, their image is missing: {', '.join(ids[:10])}"
             + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
         )
-    console.print(f"answers: {report.answers}")
-    console.print(f"score it: tinylmm eval score --bench {bench} --data {data} --answers {report.answers}")
+    console.print(f"answers: {report.answers}", soft_wrap=True)
+    console.print(
+        f"score it: tinylmm eval score --bench {bench} --data {data} --answers {report.answers}", soft_wrap=True
+    )
+
+
+@contextmanager
+def answering_progress(console):
+    """A progress bar for answering: questions done of those to ask, questions/s, ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("answering", total=None, rate="")
+        start = time.monotonic()
+
+        def on_batch(done: int, todo: int) -> None:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            progress.update(task, completed=done, total=todo, rate=f"{rate:.1f} questions/s")
+
+        yield on_batch
 
 
 @app.command("score")
