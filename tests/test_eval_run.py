@@ -91,8 +91,8 @@ def test_bad_input_names_the_thing_at_fault(world, tmp_path):
         answer_benchmark(ckpt, "pope", tmp_path)
     with pytest.raises(DataError, match="nowhere: expected the pope images"):
         answer_benchmark(ckpt, "pope", pope, images=tmp_path / "nowhere", answers=tmp_path / "a.jsonl")
-    with pytest.raises(ConfigError, match="cannot be answered into an answer file; those that can: gqa, pope"):
-        answer_benchmark(ckpt, "scienceqa", pope)
+    with pytest.raises(ConfigError, match="'shapes' cannot be answered into .* can: gqa, pope, scienceqa, textvqa"):
+        answer_benchmark(ckpt, "shapes", pope)
     with pytest.raises(ConfigError, match="--limit must be at least 1"):
         answer_benchmark(ckpt, "pope", pope, limit=0)
 
@@ -176,3 +176,29 @@ def test_resuming_drops_a_last_line_cut_short(world, tmp_path):
     answers.write_text(answers.read_text().rstrip("\n"))  # whole, only its newline missing
     assert answer_benchmark(ckpt, "pope", pope, answers=answers, limit=5, max_new_tokens=2).answered == 1
     assert [r["question_id"] for r in read_jsonl(answers)] == [1, 2, 3, 4, 5]
+
+
+def test_scienceqa_is_asked_as_llavas_sqa_script_asks_it(world, tmp_path):
+    """The single-prediction prompt, "<image>\\n" recorded for an image question, a text-only
+    question in the same batch; the answers score against problems.json."""
+    from PIL import Image
+
+    ckpt, _, _ = world
+    data = tmp_path / "scienceqa"
+    (data / "images" / "test" / "7").mkdir(parents=True)
+    Image.new("RGB", (30, 30), (10, 200, 10)).save(data / "images" / "test" / "7" / "image.png")
+    choices = "Which is green?\nContext: N/A\nOptions: (A) leaf (B) sky"
+    questions = [
+        {"id": "7", "image": "7/image.png", "conversations": [{"from": "human", "value": f"<image>\n{choices}"}]},
+        {"id": "8", "conversations": [{"from": "human", "value": "Which is a number?\nOptions: (A) 3 (B) cat"}]},
+    ]
+    (data / "llava_test_CQM-A.json").write_text(json.dumps(questions))
+    (data / "problems.json").write_text(json.dumps({p: {"choices": ["x", "y"], "answer": 0} for p in ("7", "8")}))
+    (data / "pid_splits.json").write_text(json.dumps({"test": ["7", "8"]}))
+    report = answer_benchmark(ckpt, "scienceqa", data, answers=tmp_path / "s.jsonl", batch_size=2, max_new_tokens=2)
+    assert report.answered == 2 and report.missing_images == []
+    prompts = {r["question_id"]: r["prompt"] for r in read_jsonl(tmp_path / "s.jsonl")}
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    assert prompts == {"7": f"<image>\n{choices}{suffix}", "8": f"Which is a number?\nOptions: (A) 3 (B) cat{suffix}"}
+    scores, _ = score_answers("scienceqa", data, tmp_path / "s.jsonl")
+    assert scores["n"] == 2 and scores["n_img"] == 1 and scores["missing"]["n"] == 0

@@ -37,11 +37,16 @@ from tinylmm.models.generation import generate_batch
 class Question:
     question_id: int | str
     image: str | None  # relative to the image folder; None for a text-only question
-    text: str  # the question as the file gives it, LLaVA's `prompt` of the answer
+    text: str  # what the model is asked, after the image token when there is an image
+    recorded: str | None = None  # the answer's `prompt` when not `text` (ScienceQA's has "<image>\n")
+
+    @property
+    def prompt(self) -> str:
+        return self.text if self.recorded is None else self.recorded
 
     @property
     def key(self) -> tuple[str, str]:
-        return str(self.question_id), self.text
+        return str(self.question_id), self.prompt
 
 
 def read_question_jsonl(data: Path, rel: str, what: str) -> list[Question]:
@@ -150,7 +155,7 @@ def answer_questions(
             for q, text in zip(chunk, texts):
                 row = {
                     "question_id": q.question_id,
-                    "prompt": q.text,
+                    "prompt": q.prompt,
                     "text": text,
                     "answer_id": uuid.uuid4().hex,
                     "model_id": model_id,

@@ -17,6 +17,12 @@ The scored questions are the test split's. `img_accuracy` is over those with an 
 "image" in llava_test_CQM-A.json). LLaVA's script tells image questions by '<image>' in the
 answer's prompt, so an unanswered image question leaves its IMG total there; here it stays
 in, counted wrong.
+
+Answered by a model (`eval run --bench scienceqa`) as LLaVA-1.5's scripts/v1_5/eval/sqa.sh runs
+`llava/eval/model_vqa_science.py --single-pred-prompt`: the question is the first turn's value
+with `<image>` removed and stripped, then "\n" + "Answer with the option's letter from the given
+choices directly."; an image question gets the image token before it, and its recorded
+`prompt` starts "<image>\n". Images from scienceqa/images/test/ (its --image-folder).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import re
 from pathlib import Path
 
 from tinylmm.errors import DataError
+from tinylmm.eval.answering import Question
 from tinylmm.eval.answers import layout_file, read_answers, read_json
 from tinylmm.eval.base import BENCHMARKS
 
 OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+QUESTIONS = "llava_test_CQM-A.json"
 
 
 def parse_choice(text: str) -> str:
@@ -50,7 +59,7 @@ def choice_index(letter: str, n_choices: int) -> int:
 
 def score_scienceqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
     data = Path(data)
-    questions = read_json(layout_file(data, "llava_test_CQM-A.json", "LLaVA's ScienceQA test questions"))
+    questions = read_json(layout_file(data, QUESTIONS, "LLaVA's ScienceQA test questions"))
     problems = read_json(layout_file(data, "problems.json", "ScienceQA's problems.json"))
     splits = read_json(layout_file(data, "pid_splits.json", "ScienceQA's pid_splits.json"))
     if "test" not in splits:
@@ -86,9 +95,26 @@ def score_scienceqa(data: Path, answers_path: Path, rule: str = "llava") -> dict
     }
 
 
+def scienceqa_questions(data: Path) -> list[Question]:
+    path = layout_file(Path(data), QUESTIONS, "LLaVA's ScienceQA test questions")
+    out = []
+    for i, line in enumerate(read_json(path)):
+        try:
+            asked = str(line["conversations"][0]["value"]).replace("<image>", "").strip()
+            qid = line["id"]
+        except (KeyError, IndexError, TypeError):
+            raise DataError(f"{path}: question {i} has no 'id' or no first turn in 'conversations'") from None
+        text = f"{asked}\n{SINGLE_PRED_PROMPT}"
+        image = line.get("image")
+        out.append(Question(qid, image, text, recorded=f"<image>\n{text}" if image is not None else None))
+    return out
+
+
 @BENCHMARKS.register("scienceqa")
 class ScienceQABenchmark:
     """ScienceQA test (IMG accuracy and overall), LLaVA's answer parse, from LLaVA-1.5's eval layout."""
 
     rules = ("llava",)
     score = staticmethod(score_scienceqa)
+    questions = staticmethod(scienceqa_questions)
+    images = "images/test"
