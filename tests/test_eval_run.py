@@ -97,6 +97,7 @@ def test_bad_input_names_the_thing_at_fault(world, tmp_path):
         answer_benchmark(ckpt, "pope", pope, limit=0)
 
 
+@pytest.mark.slow
 def test_cli_run_resumes_an_answer_file(world, tmp_path):
     ckpt, _, pope = world
     answers = tmp_path / "eval" / "pope-answers.jsonl"
@@ -202,3 +203,20 @@ def test_scienceqa_is_asked_as_llavas_sqa_script_asks_it(world, tmp_path):
     assert prompts == {"7": f"<image>\n{choices}{suffix}", "8": f"Which is a number?\nOptions: (A) 3 (B) cat{suffix}"}
     scores, _ = score_answers("scienceqa", data, tmp_path / "s.jsonl")
     assert scores["n"] == 2 and scores["n_img"] == 1 and scores["missing"]["n"] == 0
+
+
+def test_gqa_questions_are_answered_and_scored(world, tmp_path):
+    from PIL import Image
+
+    ckpt, _, _ = world
+    data = tmp_path / "gqa"
+    (data / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (30, 30)).save(data / "data" / "images" / "n1.jpg")
+    row = {"question_id": "201", "image": "n1.jpg", "text": "What is it?\nAnswer the question using a single word."}
+    (data / "llava_gqa_testdev_balanced.jsonl").write_text(json.dumps(row) + "\n")
+    gold = {"201": {"answer": "nothing", "isBalanced": True}}
+    (data / "data" / "testdev_balanced_questions.json").write_text(json.dumps(gold))
+    report = answer_benchmark(ckpt, "gqa", data, answers=tmp_path / "g.jsonl", max_new_tokens=2)
+    assert report.answered == 1 and read_jsonl(tmp_path / "g.jsonl")[0]["prompt"] == row["text"]
+    scores, _ = score_answers("gqa", data, tmp_path / "g.jsonl")
+    assert scores["n"] == 1 and scores["missing"]["n"] == 0
