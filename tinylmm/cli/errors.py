@@ -1,11 +1,15 @@
 """Expected failures (bad config, missing data or model) end in one red line and exit 2.
 
 Under `accelerate launch` every process runs the same command and meets the same error:
-only the main one (RANK 0) prints it, and every one exits with the same code."""
+the main one (RANK 0) prints it, and every one exits with the same code. torch elastic stops
+the other processes as soon as one exits, so the others wait before they exit: were the
+main process to be stopped before it printed, the error would be lost. A process that still
+lives after that wait met an error the main one did not, and prints it, naming its rank."""
 
 from __future__ import annotations
 
 import os
+import time
 
 from rich.console import Console
 
@@ -28,8 +32,16 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, quiet=not is_main_process())
+OTHERS_WAIT_S = 5.0  # how long a process other than the main one lets the main one go first
+
+
+def _report(message: str) -> None:
+    console = Console(stderr=True)
+    if is_main_process():
+        console.print(message, highlight=False)
+        return
+    time.sleep(OTHERS_WAIT_S)  # the launcher stops this process here if the main one failed too
+    console.print(f"(process {os.environ.get('RANK')}) {message}", highlight=False)
 
 
 def run_cli(app) -> int:
@@ -38,12 +50,12 @@ def run_cli(app) -> int:
     except SystemExit as e:  # typer/click exits (--help, usage errors)
         return int(e.code or 0)
     except KeyboardInterrupt:
-        _stderr().print("[yellow]interrupted")
+        _report("[yellow]interrupted")
         return 130
     except RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was saved, the message says how to resume
         from rich.markup import escape
 
-        _stderr().print(f"[yellow]interrupted:[/yellow] {escape(str(e))}", highlight=False)
+        _report(f"[yellow]interrupted:[/yellow] {escape(str(e))}")
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - sorted below
         import click
@@ -57,7 +69,7 @@ def run_cli(app) -> int:
         if isinstance(e, USER_ERRORS):
             from rich.markup import escape  # messages quote brackets: pip install 'tinylmm[openclip]'
 
-            _stderr().print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+            _report(f"[bold red]error:[/bold red] {escape(str(e))}")
             return 2
         raise
     return code if isinstance(code, int) else 0
