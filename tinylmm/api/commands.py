@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from tinylmm.api.launch import is_main_process
 from tinylmm.catalog import accelerate_configs, recipes, zoo
 from tinylmm.errors import ConfigError, DataError, unknown
 
@@ -106,7 +107,7 @@ def train_run(
     cfg, sources, choice = _resolve(
         preset, recipe, overrides, tune=tune, llm=llm, vision=vision, config=config, device=device
     )
-    if choice is not None and os.environ.get("RANK", "0") == "0":  # once, before training
+    if choice is not None and is_main_process():  # once, before training
         from rich.console import Console
 
         (console or Console(stderr=True)).print(f"[bold]{choice.announcement()}[/bold]", highlight=False)

@@ -31,6 +31,12 @@ from tinylmm.errors import ConfigError
 _SETUP_FLAGS = ("--config_file", "--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--tpu")
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process of a launch: torchrun (under accelerate launch) sets
+    RANK for each process; without it there is one process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def split_command(args: list[str], commands: set[str]) -> tuple[list[str], list[str]]:
     """-> (accelerate launch options, the tinylmm command and its arguments)."""
     for i, arg in enumerate(args):

@@ -13,6 +13,7 @@ import time
 
 from rich.console import Console
 
+from tinylmm.api.launch import is_main_process
 from tinylmm.errors import ConfigError, DataError, DivergenceError, RunInterrupted, RunStateError, TemplateError
 
 # what a user can fix: one red line, exit 2 (anything else is a bug and keeps its traceback)
@@ -25,11 +26,6 @@ USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
 )
-
-
-def is_main_process() -> bool:
-    """RANK is set by torchrun (accelerate launch) for each process; absent: one process."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 OTHERS_WAIT_S = 5.0  # how long a process other than the main one lets the main one go first
