@@ -12,7 +12,7 @@ from tinylmm.api.launch import is_main_process
 from tinylmm.catalog import accelerate_configs, recipes, zoo
 from tinylmm.errors import ConfigError, DataError, unknown
 
-LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks", "accelerate")
+LISTINGS = ("presets", "recipes", "connectors", "templates", "benchmarks", "accelerate", "instruct")
 
 
 def register_zoo(path: str | Path | None) -> list[str]:
@@ -414,6 +414,10 @@ def listing(kind: str) -> list[tuple[str, str]]:
         from tinylmm.data.templates import describe_templates
 
         return describe_templates()
+    if kind == "instruct":
+        from tinylmm.data import instructize
+
+        return [(n, instructize.describe(p)) for n, p in instructize.shipped().items()]
     if kind == "connectors":
         from tinylmm.models.connectors import CONNECTORS
 
@@ -429,10 +433,15 @@ def copy_recipe(name: str, dest) -> Path:
 
 
 def copy_shipped(name: str, dest) -> tuple[str, Path]:
-    """`tinylmm cp NAME DEST`: a shipped recipe or accelerate config copied for editing
-    -> ("recipe" | "accelerate config", the copy). The two sets of names never overlap."""
+    """`tinylmm cp NAME DEST`: a shipped recipe, accelerate config or instruction template file
+    copied for editing -> (what it is, the copy). The sets of names never overlap."""
+    from tinylmm.data import instructize
+
     if name in accelerate_configs.shipped():
         return "accelerate config", accelerate_configs.copy(name, dest)
+    if name in instructize.shipped():
+        return "instruction templates", instructize.copy_templates(name, dest)
     if name in recipes.shipped() or Path(name).suffix in (".yaml", ".yml"):
         return "recipe", recipes.copy_recipe(name, dest)
-    raise unknown("recipe or accelerate config", name, [*recipes.shipped(), *accelerate_configs.shipped()])
+    shipped = [*recipes.shipped(), *accelerate_configs.shipped(), *instructize.shipped()]
+    raise unknown("recipe, accelerate config or instruction templates", name, shipped)

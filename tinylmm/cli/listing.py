@@ -9,7 +9,7 @@ import typer
 
 from tinylmm.api import copy_shipped, listing
 
-KINDS = "presets | recipes | connectors | templates | benchmarks | accelerate"
+KINDS = "presets | recipes | connectors | templates | benchmarks | accelerate | instruct"
 
 
 def ls(kind: str = typer.Argument("presets", help=KINDS)):
@@ -27,12 +27,19 @@ def ls(kind: str = typer.Argument("presets", help=KINDS)):
 
 
 def cp(
-    name: str = typer.Argument(..., help="a shipped recipe or accelerate config (tinylmm ls recipes | accelerate)"),
+    name: str = typer.Argument(
+        ..., help="a recipe, accelerate config or instruction templates (tinylmm ls recipes | accelerate | instruct)"
+    ),
     dest: Path = typer.Argument(..., help="file or directory to copy it to"),
 ):
-    """Copy a shipped recipe or accelerate config to edit it."""
+    """Copy a shipped recipe, accelerate config or instruction template file to edit it."""
     from rich.console import Console
 
     kind, path = copy_shipped(name, dest)
-    run = f"tinylmm train --recipe {path}" if kind == "recipe" else f"tinylmm launch --config_file {path} train ..."
+    runs = {
+        "recipe": f"tinylmm train --recipe {path}",
+        "accelerate config": f"tinylmm launch --config_file {path} train ...",
+        "instruction templates": f"tinylmm data instructize FILE --task TASK --templates {path} --out OUT.json",
+    }
+    run = runs[kind]
     Console().print(f"copied {kind} '{name}' to {path}; run it with: {run}")
