@@ -83,3 +83,63 @@ def test_options_that_would_be_ignored_are_errors():
         check_balance("per-task", None, [2.0, None], "stages.x.data")
     with pytest.raises(ConfigError, match=r"needs a weight on every dataset; datasets\[1\] lack one"):
         check_balance("weights", None, [2.0, None], "stages.x.data")
+
+
+def test_a_stage_trains_on_an_instructized_mixture(tmp_path):
+    """A finetune stage over two datasets: the shapes world's conversations and a VQA file
+    instructized on the fly, balanced per task; the counts are those promised and saved."""
+    import json
+
+    from tinylmm import api
+    from tinylmm.data.shapes import write_shapes_dataset
+
+    from conftest import TINY, tiny_stages
+
+    paths = write_shapes_dataset(tmp_path / "shapes", n_caption=8, n_instruct=12, n_eval=4, n_pope=1, image_size=32)
+    images = json.loads(paths["instruct"].read_text())
+    vqa = tmp_path / "vqa.jsonl"
+    rows = [{"id": f"v{i}", "image": s["image"], "question": "What?", "answer": "it"} for i, s in enumerate(images[:6])]
+    vqa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = (
+        f"stages.finetune.data={{balance: per-task, datasets: ["
+        f"{{json: {paths['instruct']}, images: {paths['images']}, task: conversation}},"
+        f"{{json: {vqa}, images: {paths['images']}, task: vqa, instructize: {{task: vqa, diversity: single}}}}]}}"
+    )
+    result = api.train_run(
+        "toy",
+        "share",
+        [*TINY, *tiny_stages(("pretrain", "share", "finetune"), steps=1), data],
+        output_dir=tmp_path / "run",
+        evaluate=False,
+    )
+    run = result.run_dir
+    resolved = json.loads((run / "data" / "finetune-mixture.json").read_text())
+    assert resolved["balance"] == "per-task" and resolved["total"] == 18  # 12 + 6: the epoch of both
+    counts = [(d["task"], d["usable"], d["count"]) for d in resolved["datasets"]]
+    assert counts == [("conversation", 12, 9), ("vqa", 6, 9)]
+    converted = json.loads((run / "data" / "stages.finetune.data.datasets[1]-instructized.json").read_text())
+    assert converted[0]["conversations"][0]["value"].startswith("<image>\nWhat?\nAnswer the question")
+    with pytest.raises(ConfigError, match="'weight' is used only with balance 'weights'"):
+        api.resolve_config("toy", "share", [*TINY, data.replace("task: vqa,", "task: vqa, weight: 2,")])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("{shapes: instruct, instructize: {task: vqa}}", r"instructize converts the records of 'json'"),
+        ("{json: a.json, instructize: {task: vqa, turn: 2}}", "unknown key 'turn' in stages.finetune.data.instr"),
+        ("{json: a.json, balance: per-task}", r"stages.finetune.data.balance balances a mixture: it needs 'datasets'"),
+        ("{json: a.json, datasets: [{json: b.json}]}", "give exactly one of 'json'"),
+        ("{datasets: [{json: b.json}], balance: per-task}", r"\[0\] \(b.json\): balance 'per-task' needs its 'task'"),
+        ("{datasets: [{json: b.json, max_samples: 0}]}", r"datasets\[0\].max_samples=0 must be >= 1"),
+        ("{datasets: [{json: b.json, task: x}], balance: per-sample, cap: 0}", "a cap .* belongs to"),
+        ("{datasets: [{jsn: b.json}]}", "jsn"),
+    ],
+)
+def test_stage_data_options_are_checked(data, message):
+    from tinylmm import api
+
+    from conftest import TINY
+
+    with pytest.raises(ConfigError, match=message):
+        api.resolve_config("toy", "share", [*TINY, f"stages.finetune.data={data}"])

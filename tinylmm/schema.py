@@ -116,12 +116,31 @@ class ModelSpec:
 
 
 @dataclass
+class DatasetSpec:
+    """One dataset of a stage's mixture (`data.datasets`)."""
+
+    json: str
+    images: str | None = None
+    task: str | None = None  # the tag `balance: per-task` balances over
+    weight: float | None = None  # `balance: weights` only
+    max_samples: int | None = None  # keep this many of its samples (a seeded choice)
+    instructize: dict | None = None  # as DataSpec.instructize
+
+
+@dataclass
 class DataSpec:
-    """Where a stage's samples come from: a LLaVA-format JSON, or a split of `shapes`."""
+    """Where a stage's samples come from: a LLaVA-format JSON, a split of `shapes`, or a
+    mixture of several datasets balanced as Honeybee does (tinylmm/data/mixture.py)."""
 
     json: str | None = None
     images: str | None = None  # image folder the JSON's relative `image` paths start from
     shapes: Literal["caption", "instruct"] | None = None
+    # records that are not conversations (VQA, multiple choice, captions, boxes) turned into
+    # them first: the options of tinylmm/data/instructize.py's InstructOptions, `task` first
+    instructize: dict | None = None
+    datasets: list[DatasetSpec] | None = None
+    balance: Literal["per-dataset", "per-task", "per-sample", "weights"] | None = None
+    cap: int | None = None  # `balance: per-sample`: each dataset's size capped at this
 
 
 @dataclass

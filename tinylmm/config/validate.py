@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 from tinylmm import trainability
+from tinylmm.data.instructize import InstructOptions
+from tinylmm.data.mixture import check_balance
 from tinylmm.data.templates import TEMPLATES
 from tinylmm.errors import ConfigError, unknown
 from tinylmm.eval.base import benchmark_that_can
@@ -37,8 +39,7 @@ def validate(cfg: RunConfig) -> None:
         for comp in COMPONENTS:
             st.tune.setdefault(comp, "frozen")
             trainability.mode(st, comp, where)
-        if (st.data.json is None) == (st.data.shapes is None):
-            raise ConfigError(f"{where}.data: give exactly one of 'json' (with 'images') or 'shapes'")
+        _check_data(st.data, f"{where}.data")
         for key in ("batch_size", "micro_batch_size", "max_steps", "save_every"):
             if getattr(st, key) is not None and getattr(st, key) < 1:
                 raise ConfigError(f"{where}.{key}={getattr(st, key)} must be >= 1")
@@ -80,3 +81,31 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
     if cfg.train.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1")
+
+
+def _check_data(data, where: str) -> None:
+    """One source per stage, and mixture/instructize options that all take effect."""
+    given = [k for k in ("json", "shapes", "datasets") if getattr(data, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{where}: give exactly one of 'json' (with 'images'), 'shapes' or 'datasets' (a mixture)")
+    if data.datasets is None:
+        for key in ("balance", "cap"):
+            if getattr(data, key) is not None:
+                raise ConfigError(f"{where}.{key} balances a mixture: it needs 'datasets'")
+    if data.instructize is not None:
+        if data.json is None:
+            raise ConfigError(f"{where}.instructize converts the records of 'json'; here there is none")
+        InstructOptions.from_dict(data.instructize, f"{where}.instructize")
+    if data.datasets is None:
+        return
+    if not data.datasets:
+        raise ConfigError(f"{where}.datasets is empty")
+    balance = data.balance or "per-dataset"
+    check_balance(balance, data.cap, [d.weight for d in data.datasets], where)
+    for i, d in enumerate(data.datasets):
+        if d.max_samples is not None and d.max_samples < 1:
+            raise ConfigError(f"{where}.datasets[{i}].max_samples={d.max_samples} must be >= 1")
+        if balance == "per-task" and not d.task:
+            raise ConfigError(f"{where}.datasets[{i}] ({d.json}): balance 'per-task' needs its 'task'")
+        if d.instructize is not None:
+            InstructOptions.from_dict(d.instructize, f"{where}.datasets[{i}].instructize")

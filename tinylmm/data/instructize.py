@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 import string
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from tinylmm.data.templates.core import IMAGE_TOKEN
 from tinylmm.errors import ConfigError, DataError, did_you_mean, unknown
@@ -468,3 +470,39 @@ def _conversation(chunk: list[_Pair], template: Template) -> dict:
         sample["image"] = chunk[0].image
     sample["conversations"] = turns
     return sample
+
+
+def instructize_file(src, out, options, *, images=None):
+    """Instructize the records of `src` (JSON, JSON lines or CSV) into the LLaVA JSON `out`,
+    written whole or not at all. `options`: an InstructOptions, or a dict of its fields.
+    `images`: the image folder, for boxes given in pixels without the image's size.
+    Returns (out, report)."""
+    if isinstance(options, dict):
+        options = InstructOptions(**options)
+
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise DataError(f"--out '{out}' is the input file; write the conversations elsewhere")
+    image_sizes = None
+    if images is not None:
+        folder = Path(images)
+        if not folder.is_dir():
+            raise DataError(f"image folder '{folder}' does not exist")
+
+        def image_sizes(rel: str) -> tuple[int, int]:
+            path = folder / rel
+            try:
+                with Image.open(path) as im:
+                    return im.size
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read the size of image '{path}': {e}") from None
+
+    samples, report = instructize(read_records(src), options, source=str(src), image_sizes=image_sizes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)  # a failed write leaves an earlier `out` as it was
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, report

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from tinylmm.data.llava import SkipReport
 from tinylmm.errors import ConfigError, unknown
 
 BALANCES = ("per-dataset", "per-task", "per-sample", "weights")
@@ -127,6 +128,12 @@ class MixtureDataset(Dataset):
             self.index += [(d, j) for j in draw(part.size, count, part.max_samples, seed, d)]
         if not self.index:
             raise ConfigError("the mixture resolves to no sample (every dataset's count is 0)")
+        # the unusable samples of every dataset, each id after its dataset's name
+        self.report = SkipReport(f"mixture of {len(parts)} datasets")
+        for part, ds in zip(parts, self.datasets):
+            if hasattr(ds, "report"):
+                self.report.total += ds.report.total
+                self.report.skipped += [(f"{part.name}:{sid}", why) for sid, why in ds.report.skipped]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -14,6 +14,7 @@ checkpoints intact (tinylmm.train.checkpoint.write_checkpoint).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -25,7 +26,9 @@ import torch
 
 from tinylmm import trainability
 from tinylmm.config import dump_resolved, load_resolved
+from tinylmm.data.instructize import InstructOptions, instructize_file
 from tinylmm.data.llava import LlavaDataset, SkipReport
+from tinylmm.data.mixture import MixtureDataset, Part
 from tinylmm.data.shapes import write_shapes_dataset
 from tinylmm.errors import ConfigError, DivergenceError, RunInterrupted
 from tinylmm.eval import BENCHMARKS
@@ -66,7 +69,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.preset}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> LlavaDataset:
+def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, report):
     stage = cfg.stages[name]
     template = processor.get_template(stage.template or cfg.model.template)  # checked against the tokenizer
     if stage.data.shapes is not None:
@@ -82,7 +85,32 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel) -> L
                 image_size=s.image_size or processor.image_processor.size,
             )
         return LlavaDataset(paths[stage.data.shapes], paths["images"], processor, template, stage.max_len)
-    return LlavaDataset(stage.data.json, stage.data.images, processor, template, stage.max_len)
+
+    def read(json_path, images, instructize, tag):
+        if instructize is not None:  # converted once per run, beside the shapes data
+            images = images or Path(json_path).parent
+            converted = run_dir / "data" / f"{tag}-instructized.json"
+            with accel.main_process_first():
+                if accel.is_main_process:
+                    _, done = instructize_file(json_path, converted, InstructOptions.from_dict(instructize, tag))
+                    report.note(f"{json_path}: instructized, {done.summary()}: {converted}")
+            json_path = converted
+        return LlavaDataset(json_path, images, processor, template, stage.max_len)
+
+    data = stage.data
+    if data.datasets is None:
+        return read(data.json, data.images, data.instructize, f"stages.{name}.data")
+    datasets, parts = [], []
+    for i, d in enumerate(data.datasets):
+        ds = read(d.json, d.images, d.instructize, f"stages.{name}.data.datasets[{i}]")
+        datasets.append(ds)
+        parts.append(Part(d.json, d.task or "-", len(ds), d.weight, d.max_samples))
+    mix = MixtureDataset(datasets, parts, data.balance or "per-dataset", data.cap, cfg.train.seed)
+    report.note(f"stages.{name}: {mix.summary()}")
+    if accel.is_main_process:
+        (run_dir / "data").mkdir(parents=True, exist_ok=True)
+        (run_dir / "data" / f"{name}-mixture.json").write_text(json.dumps(mix.resolved(), indent=2) + "\n")
+    return mix
 
 
 def train(
@@ -159,7 +187,7 @@ def train(
     for name, stage in stages:  # stages reading the same data share one tokenized copy
         key = (repr(stage.data), stage.template or cfg.model.template, stage.max_len)
         if key not in loaded:
-            loaded[key] = _stage_data(cfg, name, processor, run_dir, accel)
+            loaded[key] = _stage_data(cfg, name, processor, run_dir, accel, report)
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
     result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
