@@ -436,3 +436,24 @@ def test_cli_eval_score_with_a_judge(tmp_path, serve):
         app, [*args, "--judge-url", judge.url, "--judge-model", "j", "--out", str(tmp_path / "s.json")]
     )
     assert "0 request(s), 5 from" in result.output and len(judge.requests) == 5
+
+
+@pytest.mark.parametrize("bench, expected", [("mmvet", 1024), ("llava_bench_in_the_wild", 1024), ("gqa", 128)])
+def test_eval_run_generates_as_long_as_the_official_script(tmp_path, monkeypatch, bench, expected):
+    """LLaVA's model_vqa.py (LLaVA-Bench, MM-Vet) generates up to 1024 tokens; the others' 128."""
+    import tinylmm.api.commands as commands
+    import tinylmm.eval.answering as answering
+    from tinylmm.eval.answering import Question
+
+    class Model:
+        def eval(self):
+            return self
+
+    asked = {}
+    monkeypatch.setattr(commands, "load", lambda path: (Model(), None))
+    monkeypatch.setattr(answering, "answer_questions", lambda *a, **kw: asked.update(kw))
+    monkeypatch.setattr(BENCHMARKS.get(bench), "questions", lambda data: [Question(0, None, "hi")])
+    commands.answer_benchmark(tmp_path / "run" / "final", bench, tmp_path)
+    assert asked["max_new_tokens"] == expected
+    commands.answer_benchmark(tmp_path / "run" / "final", bench, tmp_path, max_new_tokens=7)
+    assert asked["max_new_tokens"] == 7

@@ -28,6 +28,11 @@ the first being the relative score the papers quote. Here `metrics` and each of 
 reference_score and model_score (the mean on the 1-10 scale / 10), with n, and the unrounded
 1-10 means as reference_mean and model_mean.
 
+lmms-eval's llava_in_the_wild and llava-bench-coco tasks differ (not implemented here): their
+judge defaults to gpt-4o-2024-11-20, their parse takes the first two numbers of the first line
+(so "8, 7" and "Assistant 1: 8, Assistant 2: 7" read as scores), and their relative score is of
+the unrounded means; they generate up to 4096 tokens.
+
 Beyond LLaVA's scripts: answers are matched to questions and references by question_id (the
 scripts zip the three files line by line, which is the same when they are in order); a
 question without an answer is judged with an empty answer and listed under `missing`.

@@ -22,6 +22,10 @@ them x 100, rounded to 1 place, capabilities ordered by how many questions need 
 capabilities a question needs, named here by the sorted capabilities joined with "_". The
 evaluator's --num_run (1 by default, 5 in the paper: the mean of runs) is one run here.
 
+lmms-eval's mmvet task differs (not implemented here): its judge defaults to gpt-4o-2024-11-20
+with max_tokens 128, its row ends " | {prediction} |" (one space fewer), and a retry resends the
+same row (no "Predict the correctness" line) at a temperature raised by 0.5, until 2.
+
 Beyond the evaluator: a question without an answer scores 0.0 without asking the judge
 and is listed under `missing` (the evaluator stops with a KeyError).
 
