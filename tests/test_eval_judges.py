@@ -39,12 +39,15 @@ class Judge:
                 judge.headers.append(dict(self.headers))
                 out = judge.reply(body)
                 status, data = out if isinstance(out, tuple) else (200, completion(out, body["model"]))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -457,3 +460,14 @@ def test_eval_run_generates_as_long_as_the_official_script(tmp_path, monkeypatch
     assert asked["max_new_tokens"] == expected
     commands.answer_benchmark(tmp_path / "run" / "final", bench, tmp_path, max_new_tokens=7)
     assert asked["max_new_tokens"] == 7
+
+
+def test_a_judge_that_does_not_answer_in_time_is_named(serve):
+    import time
+
+    judge = serve(lambda r: (time.sleep(1.0), "0.5")[1])
+    client = JudgeClient(judge.url, "j", KEY, timeout=0.2)
+    with pytest.raises(
+        JudgeError, match=f"the judge at {judge.url}/chat/completions could not be reached: .*timed out"
+    ):
+        client.complete({"model": "j", "messages": []})
