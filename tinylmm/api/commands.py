@@ -318,13 +318,14 @@ def answer_benchmark(
     images=None,
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     on_batch=None,
 ):
     """`tinylmm eval run --data`: answer a benchmark's question file (LLaVA-1.5's eval layout)
     with a checkpoint into an answer file in LLaVA's format, resuming one already begun.
     `answers` defaults to <model_dir>/../eval/<bench>-answers.jsonl, `images` to the layout's
-    image folder; `limit`: only the first N questions. Returns the AnswerReport."""
+    image folder; `limit`: only the first N questions; `max_new_tokens`: the benchmark's own
+    (LLaVA-Bench and MM-Vet 1024, as LLaVA's model_vqa.py) else 128. Returns the AnswerReport."""
     from tinylmm.eval.answering import answer_questions
     from tinylmm.eval.base import benchmark_that_can
 
@@ -354,29 +355,63 @@ def answer_benchmark(
         answers,
         model_id=f"{run_side.name}/{model_dir.name}",
         batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens or getattr(benchmark, "max_new_tokens", 128),
         on_batch=on_batch,
     )
 
 
-def score_answers(bench: str, data, answers, *, rule: str | None = None, out=None):
+def score_answers(
+    bench: str,
+    data,
+    answers,
+    *,
+    rule: str | None = None,
+    out=None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    judge_key_env: str | None = None,
+):
     """`tinylmm eval score`: an answer file (LLaVA's answer format) scored against a benchmark
     folder in LLaVA-1.5's eval layout, no model; returns (scores, scores path). The rule is the
     benchmark's first (LLaVA's) unless named; scores go to `out`, by default beside the answers
-    as <answers stem>.scores.json."""
-    from tinylmm.eval.base import benchmark_that_can
+    as <answers stem>.scores.json. The judge-scored benchmarks (LLaVA-Bench, MM-Vet) ask the
+    model `judge_model` at the OpenAI-compatible endpoint `judge_url`, its key read from the
+    environment variable `judge_key_env` (OPENAI_API_KEY), and cache its replies beside the
+    scores in <scores stem>.judge.jsonl."""
+    from tinylmm.eval.base import BENCHMARKS, benchmark_that_can
 
     benchmark = benchmark_that_can(bench, "score")
     rule = rule or benchmark.rules[0]
     if rule not in benchmark.rules:
         raise unknown(f"answer rule for {bench}", rule, benchmark.rules)
+    judged = getattr(benchmark, "judged", False)
+    given = {"--judge-url": judge_url, "--judge-model": judge_model, "--judge-key-env": judge_key_env}
+    if not judged and any(v is not None for v in given.values()):
+        names = ", ".join(n for n, b in BENCHMARKS.items() if getattr(b, "judged", False))
+        flags = ", ".join(f for f, v in given.items() if v is not None)
+        raise ConfigError(f"{flags}: {bench} is not scored by a judge model (those that are: {names})")
+    if judged and (judge_url is None or judge_model is None):
+        needed = " and ".join(f for f in ("--judge-url", "--judge-model") if given[f] is None)
+        raise ConfigError(
+            f"{bench} is scored by a judge model: {needed} needed (an OpenAI-compatible chat-completions "
+            f"endpoint, e.g. https://api.openai.com/v1, and its model; the key is read from "
+            f"${judge_key_env or 'OPENAI_API_KEY'}, --judge-key-env names another variable)"
+        )
     data, answers = Path(data), Path(answers)
     if not data.is_dir():
         raise DataError(
             f"missing {data}: expected the {bench} folder of LLaVA-1.5's eval layout (playground/data/eval/{bench}/)"
         )
-    scores = benchmark.score(data, answers, rule)
     out = Path(out) if out else answers.with_name(f"{answers.stem}.scores.json")
+    if judged:
+        from tinylmm.eval.judge import DEFAULT_KEY_ENV, judge_from_env
+
+        replies = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".judge.jsonl")
+        judge = judge_from_env(judge_url, judge_model, replies, key_env=judge_key_env or DEFAULT_KEY_ENV)
+        scores = benchmark.score(data, answers, rule, judge=judge)
+        scores["judge"] = judge.report()
+    else:
+        scores = benchmark.score(data, answers, rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores, out

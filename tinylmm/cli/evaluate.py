@@ -53,7 +53,9 @@ def evaluate(
     ),
     limit: Optional[int] = typer.Option(None, "--limit", help="answer only the first N questions"),
     batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="answer length cap in tokens (shapes 8, else 128)"),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help="answer length cap in tokens (shapes 8, LLaVA-Bench and MM-Vet 1024, else 128)"
+    ),
 ):
     """Answer a benchmark with a checkpoint: shapes is scored at once, a --data folder answered into a file.
 
@@ -82,7 +84,7 @@ def evaluate(
             images=images,
             limit=limit,
             batch_size=batch_size or 8,
-            max_new_tokens=max_new_tokens or 128,
+            max_new_tokens=max_new_tokens,
             on_batch=on_batch,
         )
     console.print(
@@ -130,16 +132,50 @@ def score(
     out: Optional[Path] = typer.Option(
         None, "--out", help="scores JSON (default <answers stem>.scores.json beside the answers)"
     ),
+    judge_url: Optional[str] = typer.Option(
+        None,
+        "--judge-url",
+        help="LLaVA-Bench, MM-Vet: the judge's OpenAI-compatible API, e.g. https://api.openai.com/v1",
+    ),
+    judge_model: Optional[str] = typer.Option(
+        None, "--judge-model", help="LLaVA-Bench, MM-Vet: the judge model (LLaVA's: gpt-4-0314; MM-Vet's: gpt-4-0613)"
+    ),
+    judge_key_env: Optional[str] = typer.Option(
+        None, "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
+    ),
 ):
-    """Score an answer file against a benchmark's official rule, without a model."""
+    """Score an answer file against a benchmark's official rule, without a model.
+
+    LLaVA-Bench and MM-Vet are scored by a judge model (--judge-url, --judge-model); its replies
+    are cached beside the scores (<scores stem>.judge.jsonl), so scoring again asks nothing twice."""
     from rich.console import Console
 
-    scores, path = api.score_answers(bench, data, answers, rule=rule, out=out)
+    scores, path = api.score_answers(
+        bench,
+        data,
+        answers,
+        rule=rule,
+        out=out,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_key_env=judge_key_env,
+    )
     console = Console()
     console.print(scores_table(scores))
     if scores.get("missing", {}).get("n"):
         m = scores["missing"]
         console.print(f"[yellow]{m['n']} question(s) had no answer and were scored wrong: {', '.join(m['ids'][:10])}")
+    for key, what in (
+        ("unparsed", "judge replies without LLaVA's score line, scored [-1, -1]"),
+        ("fallback", "judge replies that never parsed, scored 0.0"),
+    ):
+        if scores.get(key, {}).get("n"):
+            console.print(f"[yellow]{scores[key]['n']} {what}: {', '.join(map(str, scores[key]['ids'][:10]))}")
+    if "judge" in scores:
+        j = scores["judge"]
+        console.print(
+            f"judge {j['model']} at {j['url']}: {j['requests']} request(s), {j['cached']} from {j['replies']}"
+        )
     console.print(f"scores: {path}")
 
 

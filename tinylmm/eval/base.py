@@ -18,6 +18,10 @@ scoring an answer file (`tinylmm eval score`, no model):
     score(data, answers, rule) -> scores
         the answer file `answers` (LLaVA's answer format) scored against the benchmark folder
         `data` (LLaVA-1.5's eval layout): {"bench", "rule", "n", "metrics", ...}, fractions in 0-1
+    judged = True, and score(data, answers, rule, *, judge)
+        scored by a judge model (eval/judge.py: `judge.ask(messages, ...)`, cached replies)
+    max_new_tokens: int
+        the answer length its official script generates, when not the default 128
 """
 
 from __future__ import annotations
