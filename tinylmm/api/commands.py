@@ -339,8 +339,10 @@ def answer_benchmark(
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if benchmark.images is None and images is not None:  # its question file carries the images (MMBench)
+        raise ConfigError(f"--images: the {bench} question file carries its images; leave --images out")
     questions = benchmark.questions(data)[:limit]
-    images = Path(images) if images is not None else data / benchmark.images
+    images = Path(images) if images is not None else data / (benchmark.images or "")
     if not images.is_dir() and any(q.image is not None for q in questions):
         raise DataError(f"missing {images}: expected the {bench} images (--images, or '{benchmark.images}' in {data})")
     model_dir = Path(model_dir)

@@ -184,16 +184,21 @@ def scores_table(scores: dict):
     from rich.table import Table
 
     metrics = list(scores["metrics"])
-    table = Table(title=f"{scores['bench']} ({scores['n']} questions, rule: {scores['rule']})")
+    title = f"{scores['bench']} ({scores['n']} questions, rule: {scores['rule']})"
+    table = Table(title=title, caption=scores.get("note"))  # a note: what the scoring left out
     table.add_column("")
     table.add_column("n", justify="right")
     for m in metrics:
         table.add_column(m, justify="right")
-    for group in ("splits", "subtasks", "subjects"):
+    for group in ("splits", "subtasks", "subjects", "l2_categories", "answer_types"):
+        if scores.get(group) and table.rows:
+            table.add_section()  # a line between groups (MMBench: categories, then l2-categories)
         for name, row in scores.get(group, {}).items():
             table.add_row(name, str(row.get("n", "")), *(f"{row[m]:.1%}" if m in row else "" for m in metrics))
+    if table.rows:
+        table.add_section()
     table.add_row(
-        "[bold]overall" if len(table.rows) == 0 else "[bold]mean",
+        "[bold]mean" if scores.get("splits") else "[bold]overall",  # POPE's metrics are means of its splits
         str(scores["n"]),
         *(f"[bold]{v:.1%}" for v in scores["metrics"].values()),
     )

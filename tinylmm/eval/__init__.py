@@ -1,6 +1,16 @@
 """Benchmarks, one registry entry each (base.py says what an entry provides)."""
 
-from tinylmm.eval import gqa, llava_bench, mmvet, pope, scienceqa, shapes, textvqa  # noqa: F401 - each module registers its benchmark
+from tinylmm.eval import (  # noqa: F401 - each module registers its benchmark
+    gqa,
+    llava_bench,
+    mmbench,
+    mmvet,
+    pope,
+    scienceqa,
+    shapes,
+    textvqa,
+    vqav2,
+)
 from tinylmm.eval.base import BENCHMARKS
 
 __all__ = ["BENCHMARKS"]

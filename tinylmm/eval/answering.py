@@ -14,10 +14,16 @@ same question id and prompt: TextVQA's question ids are image ids, shared by the
 one image) is skipped, so an interrupted run resumes; a last line cut short by the interruption
 is dropped and its question asked again. A question whose image is missing is
 not answered and is reported by id (its answer is then missing, scored wrong by `eval score`).
+
+A question file may carry its images (MMBench's TSV, base64): such a question holds the encoded
+image (`picture`) instead of a path. A benchmark whose LLaVA script writes more fields into
+each answer (model_vqa_mmbench.py: round_id, options, option_char) gives them as `fields`; a
+`round_id` there is part of what makes an answer already given (one prompt, several rounds).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Sequence
@@ -39,14 +45,16 @@ class Question:
     image: str | None  # relative to the image folder; None for a text-only question
     text: str  # what the model is asked, after the image token when there is an image
     recorded: str | None = None  # the answer's `prompt` when not `text` (ScienceQA's has "<image>\n")
+    picture: bytes | None = field(default=None, repr=False)  # the encoded image, where the file carries it
+    fields: dict = field(default_factory=dict, compare=False, hash=False)  # more answer fields (round_id, ...)
 
     @property
     def prompt(self) -> str:
         return self.text if self.recorded is None else self.recorded
 
     @property
-    def key(self) -> tuple[str, str]:
-        return str(self.question_id), self.prompt
+    def key(self) -> tuple[str, str, str]:
+        return str(self.question_id), self.prompt, str(self.fields.get("round_id", ""))
 
 
 def read_question_jsonl(data: Path, rel: str, what: str) -> list[Question]:
@@ -101,8 +109,8 @@ def mend_last_line(path: Path) -> None:
             f.truncate(start)
 
 
-def answered_keys(path: Path) -> set[tuple[str, str]]:
-    """The (question id, prompt) of each answer already in `path` (none when it does not exist)."""
+def answered_keys(path: Path) -> set[tuple[str, str, str]]:
+    """The (question id, prompt, round id) of each answer already in `path` (none when it does not exist)."""
     if not path.exists():
         return set()
     mend_last_line(path)
@@ -110,7 +118,7 @@ def answered_keys(path: Path) -> set[tuple[str, str]]:
     for i, row in enumerate(rows, 1):
         if "question_id" not in row:
             raise DataError(f"{path}: answer {i} has no 'question_id'; not an answer file to resume")
-    return {(str(r["question_id"]), str(r.get("prompt", ""))) for r in rows}
+    return {(str(r["question_id"]), str(r.get("prompt", "")), str(r.get("round_id", ""))) for r in rows}
 
 
 def answer_questions(
@@ -144,17 +152,18 @@ def answer_questions(
             chunk = todo[start : start + batch_size]
             convs, pictures = [], []
             for q in chunk:
-                if q.image is None:
+                if q.image is None and q.picture is None:
                     convs.append([("human", q.text)])
                     pictures.append([])
                     continue
                 convs.append([("human", f"{IMAGE_TOKEN}\n{q.text}")])
-                with Image.open(images / q.image) as im:
+                with Image.open(images / q.image if q.picture is None else io.BytesIO(q.picture)) as im:
                     pictures.append([im.convert("RGB")])
             texts = generate_batch(model, processor, convs, pictures, max_new_tokens=max_new_tokens)
             for q, text in zip(chunk, texts):
                 row = {
                     "question_id": q.question_id,
+                    **q.fields,
                     "prompt": q.prompt,
                     "text": text,
                     "answer_id": uuid.uuid4().hex,

@@ -10,8 +10,9 @@ run by a model (`tinylmm eval run`, and training's `eval.bench`):
 answered by a model into an answer file (`tinylmm eval run --data DIR`; eval/answering.py):
     questions(data) -> list[Question]
         the questions of LLaVA's question file in the benchmark folder `data`
-    images: str
-        where the layout keeps the images, relative to `data` (the script's --image-folder)
+    images: str | None
+        where the layout keeps the images, relative to `data` (the script's --image-folder);
+        None when the question file carries them (MMBench's TSV)
 scoring an answer file (`tinylmm eval score`, no model):
     rules: tuple[str, ...]
         the answer rules it knows, the default (LLaVA's) first
