@@ -144,10 +144,20 @@ def score(
 
 
 def scores_table(scores: dict):
-    """One row for the benchmark's metrics, then one per split/subtask/subject."""
+    """One row for the benchmark's metrics, then one per split/subtask/subject. A group's own
+    figures (MME's acc, acc_plus, score) get columns of their own; the keys named in
+    `points` are points (MME's), the rest fractions."""
     from rich.table import Table
 
+    groups = [row for group in ("splits", "subtasks", "subjects") for row in scores.get(group, {}).values()]
     metrics = list(scores["metrics"])
+    own = dict.fromkeys(k for row in groups for k, v in row.items() if isinstance(v, (int, float)) and k != "n")
+    metrics += [k for k in own if k not in metrics]
+    points = set(scores.get("points", ()))
+
+    def cell(m: str, v: float) -> str:
+        return f"{v:.1f}" if m in points else f"{v:.1%}"
+
     table = Table(title=f"{scores['bench']} ({scores['n']} questions, rule: {scores['rule']})")
     table.add_column("")
     table.add_column("n", justify="right")
@@ -155,10 +165,10 @@ def scores_table(scores: dict):
         table.add_column(m, justify="right")
     for group in ("splits", "subtasks", "subjects"):
         for name, row in scores.get(group, {}).items():
-            table.add_row(name, str(row.get("n", "")), *(f"{row[m]:.1%}" if m in row else "" for m in metrics))
+            table.add_row(name, str(row.get("n", "")), *(cell(m, row[m]) if m in row else "" for m in metrics))
     table.add_row(
-        "[bold]overall" if len(table.rows) == 0 else "[bold]mean",
+        "[bold]total" if points else "[bold]mean" if "splits" in scores else "[bold]overall",  # POPE's are means
         str(scores["n"]),
-        *(f"[bold]{v:.1%}" for v in scores["metrics"].values()),
+        *(f"[bold]{cell(m, scores['metrics'][m])}" if m in scores["metrics"] else "" for m in metrics),
     )
     return table
