@@ -61,6 +61,7 @@ def mme_truth():
         ("Is there a cat? Please answer yes or no.", "No"),
     ]
     truth["color"]["color1"][1] = ("Is it red?  Please answer yes or no.", "No")
+    truth["text_translation"]["text_translation1"][0] = ("Is '猫' translated as 'cat'? Please answer yes or no.", "Yes")
     return truth
 
 
@@ -80,7 +81,7 @@ def mme_dir(tmp_path, truth=None):
             image = f"{subtask}/images/{stem}{ext}" if subtask in IMAGE_FOLDERS else f"{subtask}/{stem}{ext}"
             (root / mme.RELEASE / image).write_bytes(b"")
             gt = folder / "questions_answers_YN" if subtask in IMAGE_FOLDERS else folder
-            (gt / f"{stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qa))
+            (gt / f"{stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qa), encoding="utf-8")
             for q, _ in qa:
                 text = q.replace("  Please answer yes or no.", "").replace(" Please answer yes or no.", "")
                 rows.append(

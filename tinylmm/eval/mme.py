@@ -98,7 +98,7 @@ def read_ground_truth(data: Path) -> dict[str, dict[str, dict[str, str]]]:
         files = {}
         for path in sorted(qa.glob("*.txt")):
             questions = {}
-            for i, line in enumerate(path.read_text().splitlines(), 1):
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
                 parts = line.strip().split("\t")
