@@ -179,27 +179,40 @@ def score(
     console.print(f"scores: {path}")
 
 
+GROUPS = ("splits", "subtasks", "subjects", "l2_categories", "answer_types")  # scores.json's per-part keys
+
+
 def scores_table(scores: dict):
-    """One row for the benchmark's metrics, then one per split/subtask/subject."""
+    """One row for the benchmark's metrics, then one per split/subtask/subject. A group's own
+    figures (MME's acc, acc_plus, score) get columns of their own; the keys named in
+    `points` are points (MME's), the rest fractions."""
     from rich.table import Table
 
+    groups = [row for group in GROUPS for row in scores.get(group, {}).values()]
     metrics = list(scores["metrics"])
+    own = dict.fromkeys(k for row in groups for k, v in row.items() if isinstance(v, (int, float)) and k != "n")
+    metrics += [k for k in own if k not in metrics]
+    points = set(scores.get("points", ()))
+
+    def cell(m: str, v: float) -> str:
+        return f"{v:.1f}" if m in points else f"{v:.1%}"
+
     title = f"{scores['bench']} ({scores['n']} questions, rule: {scores['rule']})"
     table = Table(title=title, caption=scores.get("note"))  # a note: what the scoring left out
     table.add_column("")
     table.add_column("n", justify="right")
     for m in metrics:
         table.add_column(m, justify="right")
-    for group in ("splits", "subtasks", "subjects", "l2_categories", "answer_types"):
+    for group in GROUPS:
         if scores.get(group) and table.rows:
             table.add_section()  # a line between groups (MMBench: categories, then l2-categories)
         for name, row in scores.get(group, {}).items():
-            table.add_row(name, str(row.get("n", "")), *(f"{row[m]:.1%}" if m in row else "" for m in metrics))
+            table.add_row(name, str(row.get("n", "")), *(cell(m, row[m]) if m in row else "" for m in metrics))
     if table.rows:
         table.add_section()
     table.add_row(
-        "[bold]mean" if scores.get("splits") else "[bold]overall",  # POPE's metrics are means of its splits
+        "[bold]total" if points else "[bold]mean" if scores.get("splits") else "[bold]overall",  # POPE's are means
         str(scores["n"]),
-        *(f"[bold]{v:.1%}" for v in scores["metrics"].values()),
+        *(f"[bold]{cell(m, scores['metrics'][m])}" if m in scores["metrics"] else "" for m in metrics),
     )
     return table

@@ -4,6 +4,8 @@ from tinylmm.eval import (  # noqa: F401 - each module registers its benchmark
     gqa,
     llava_bench,
     mmbench,
+    mme,
+    mmmu,
     mmvet,
     pope,
     scienceqa,
