@@ -92,7 +92,8 @@ def test_cached_equals_uncached_and_uncached_recomputes(model):
     )
 
 
-def test_position_ids_count_from_each_rows_first_token(model):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_position_ids_count_from_each_rows_first_token(model, use_cache):
     """Checked directly: under RoPE (both models here) a row's positions shifted by its padding
     give the same attention scores, so batched == one-by-one alone would not see wrong ones."""
     model, processor = model
@@ -101,7 +102,8 @@ def test_position_ids_count_from_each_rows_first_token(model):
         lambda m, args, kw: seen.append((kw["position_ids"].clone(), kw["attention_mask"].clone())), with_kwargs=True
     )
     try:
-        tokens(model, processor, ["Shape?", "<image>\nWhat color is the circle?"], [None, RED], max_new_tokens=2)
+        prompts, images = ["Shape?", "<image>\nWhat color is the circle?"], [None, RED]
+        tokens(model, processor, prompts, images, max_new_tokens=2, min_new_tokens=2, use_cache=use_cache)
     finally:
         hook.remove()
     (first, mask), (second, _) = seen[:2]
@@ -146,6 +148,8 @@ def test_argument_errors_name_the_prompt(tmp_path):
         gen(["A?", "<image>\nB?"], [None, tmp_path / "gone.png"])
     with pytest.raises(ConfigError, match="batch_size must be at least 1, not 0"):
         gen("A?", batch_size=0)
+    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1, not 0"):
+        tinylmm.generate(model, processor, "A?", max_new_tokens=0)
     RED.save(tmp_path / "red.png")  # a path is read as the image it names
     assert gen("<image>\nA?", tmp_path / "red.png") == gen("<image>\nA?", RED)
 
