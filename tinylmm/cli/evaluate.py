@@ -3,7 +3,6 @@ checkpoint and scores it; `eval score` scores an answer file in LLaVA's answer f
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -110,10 +109,10 @@ def answering_progress(console):
     columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
     with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("answering", total=None, rate="")
-        start = time.monotonic()
+        start = console.get_time()  # rich's clock (time.monotonic unless the console says), as its ETA's
 
         def on_batch(done: int, todo: int) -> None:
-            rate = done / max(time.monotonic() - start, 1e-9)
+            rate = done / max(console.get_time() - start, 1e-9)
             progress.update(task, completed=done, total=todo, rate=f"{rate:.1f} questions/s")
 
         yield on_batch

@@ -112,18 +112,42 @@ class TinyLMM(nn.Module):
         return LMMOutput(None, loss_sum / max(n, 1), loss_sum, n)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs) -> torch.Tensor:
-        """Greedy by default; returns only the new tokens. Uses the LLM's KV cache."""
-        embeds = self.embed(input_ids.to(self.device), None if pixel_values is None else pixel_values.to(self.device))
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, *, use_cache: bool = True, **kwargs):
+        """Greedy by default; returns only the new tokens. Position ids come from the attention
+        mask (transformers' `attention_mask.cumsum(-1) - 1`), so a left-padded row counts from
+        its first real token.
+
+        use_cache=True: the LLM's KV cache, generating from the spliced embeddings.
+        use_cache=False: every step recomputes the whole sequence. transformers forces the cache
+        for embeddings ("decoder-only models with inputs_embeds forwarding must use caching",
+        generation/utils.py), so this path generates from the token ids and, as transformers'
+        LLaVA re-runs its splice at every uncached step, the embedding layer's output takes the
+        spliced prompt at the prompt's positions (the images are encoded once)."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.embed(input_ids, None if pixel_values is None else pixel_values.to(self.device))
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         kwargs.setdefault("do_sample", False)
         pad = self.llm.config.pad_token_id
         if pad is None:  # Llama-3.x configs list several eos ids and no pad
             eos = self.llm.config.eos_token_id
             pad = eos[0] if isinstance(eos, (list, tuple)) else eos
         kwargs.setdefault("pad_token_id", pad)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device), **kwargs)
+        if use_cache:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        n = input_ids.shape[1]
+
+        def splice(module, args, output):
+            if output.shape[1] < n:
+                raise RuntimeError(f"uncached step embedded {output.shape[1]} positions, fewer than the prompt's {n}")
+            return torch.cat([embeds.to(output.dtype), output[:, n:]], dim=1)
+
+        ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)  # <image> may lie past the table
+        hook = self.llm.get_input_embeddings().register_forward_hook(splice)
+        try:
+            out = self.llm.generate(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        finally:
+            hook.remove()
+        return out[:, n:]
 
     # ------------------------------------------------------------------ persistence
 

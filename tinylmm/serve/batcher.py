@@ -1,5 +1,5 @@
 """One generation thread for the whole server: requests that arrive while it is busy are run
-together, as one left-padded batch (as models.generation.generate_batch pads), and each row
+together, as one left-padded batch (models.generation.generate_tokens, eval's call too), and each row
 is streamed and stopped on its own.
 
 The model is only ever touched by this thread. Each row is followed in a transformers
@@ -21,6 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tinylmm.data.processor import Processor
+from tinylmm.models.generation import generate_tokens
 
 
 @dataclass
@@ -95,31 +96,19 @@ class Batcher:
             return
         self.batch_sizes.append(len(jobs))
         tok = self.processor.tokenizer
-        pad = tok.pad_token_id
-        length = max(j.input_ids.shape[1] for j in jobs)
-        ids = torch.full((len(jobs), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), length), dtype=torch.long)
-        for row, j in enumerate(jobs):
-            n = j.input_ids.shape[1]
-            ids[row, length - n :] = j.input_ids[0]
-            mask[row, length - n :] = 1
-        pixels = [j.pixel_values for j in jobs if j.pixel_values is not None]
         temperature, top_p = jobs[0].sampling
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         rows = _Rows(jobs, self.processor.stop_token_ids, tok, self.lock, self.finish_reasons)
         error = None
         try:
-            with torch.no_grad():
-                self.model.generate(
-                    ids,
-                    attention_mask=mask,
-                    pixel_values=torch.cat(pixels) if pixels else None,
-                    max_new_tokens=max(j.max_tokens for j in jobs),
-                    eos_token_id=self.processor.stop_token_ids,
-                    pad_token_id=pad,
-                    stopping_criteria=StoppingCriteriaList([rows]),
-                    **sampling,
-                )
+            generate_tokens(
+                self.model,
+                self.processor,
+                [{"input_ids": j.input_ids, "pixel_values": j.pixel_values} for j in jobs],
+                max_new_tokens=max(j.max_tokens for j in jobs),
+                stopping_criteria=StoppingCriteriaList([rows]),
+                **sampling,
+            )
         except Exception as e:  # noqa: BLE001 - reported to each request; the server goes on
             error = e
         for j in jobs:
