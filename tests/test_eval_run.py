@@ -220,3 +220,70 @@ def test_gqa_questions_are_answered_and_scored(world, tmp_path):
     assert report.answered == 1 and read_jsonl(tmp_path / "g.jsonl")[0]["prompt"] == row["text"]
     scores, _ = score_answers("gqa", data, tmp_path / "g.jsonl")
     assert scores["n"] == 1 and scores["missing"]["n"] == 0
+
+
+def test_eval_model_answers_then_scores_beside_the_answers(world, tmp_path):
+    """`eval MODEL --data` (api.evaluate_answers) on a folder built by `eval build-pope`: the
+    questions whose image is missing are reported, not answered, and scored wrong."""
+    from PIL import Image
+    from test_eval_pope_builder import write_coco
+
+    from tinylmm.api import build_pope, evaluate_answers
+
+    ckpt, _, _ = world
+    pope = build_pope(write_coco(tmp_path), tmp_path / "pope", images=5, questions_per_image=2).out
+    (pope / "val2014").mkdir()
+    images = sorted({q["image"] for q in read_jsonl(pope / QUESTIONS)})
+    for k, name in enumerate(images[1:]):  # the first image is missing
+        Image.new("RGB", (32, 32), (40 * k, 200, 10)).save(pope / "val2014" / name)
+    gone = [str(q["question_id"]) for q in read_jsonl(pope / QUESTIONS) if q["image"] == images[0]]
+    assert len(gone) == 12  # 2 objects, each with a negative, in each of the 3 splits
+    with pytest.raises(ConfigError, match="unknown answer rule for pope 'lmms'"):
+        evaluate_answers(ckpt, "pope", pope, rule="lmms", answers=tmp_path / "a.jsonl")
+    assert not (tmp_path / "a.jsonl").exists()  # the rule is checked before any question is asked
+    report, scores, path = evaluate_answers(
+        ckpt, "pope", pope, rule="lmms-eval", answers=tmp_path / "a.jsonl", batch_size=16, max_new_tokens=2
+    )
+    assert (report.total, report.answered, report.missing_images) == (60, 48, gone)
+    assert path == tmp_path / "a.scores.json" and json.loads(path.read_text()) == scores
+    assert scores["rule"] == "lmms-eval" and scores["n"] == 60 and scores["missing"] == {"n": 12, "ids": gone}
+    assert scores == score_answers("pope", pope, tmp_path / "a.jsonl", rule="lmms-eval", out=tmp_path / "b.json")[0]
+
+
+def eval_cli(*args):
+    """`tinylmm eval ...` in this process (a subprocess would load torch again, for seconds)."""
+    from typer.testing import CliRunner
+
+    from tinylmm.cli.app import app
+
+    return CliRunner().invoke(app, ["eval", *args], env={"COLUMNS": "1000"})  # one line per message
+
+
+def test_cli_eval_model_answers_scores_and_prints_the_table(world, tmp_path):
+    import shutil
+
+    ckpt, shapes, pope = world
+    model = tmp_path / "run" / "final"
+    shutil.copytree(ckpt, model)
+    done = eval_cli(str(model), "--bench", "pope", "--data", str(pope), "--batch-size", "6", "--max-new-tokens", "3")
+    assert done.exit_code == 0, done.output[-2000:]
+    answers = tmp_path / "run" / "eval" / "pope-answers.jsonl"
+    scores = tmp_path / "run" / "eval" / "pope-answers.scores.json"  # side by side in the run's eval/
+    assert len(read_jsonl(answers)) == 18
+    written = json.loads(scores.read_text())
+    assert written == score_answers("pope", pope, answers, out=tmp_path / "again.json")[0]
+    said = done.output
+    assert "18 question(s) answered, 0 already in the answer file, of 18" in said
+    assert "pope (18 questions, rule: llava)" in said and f"scores: {scores}" in said
+    for split in ("random", "popular", "adversarial"):
+        assert f"{written['splits'][split]['f1']:.1%}" in said.split(split, 1)[1].splitlines()[0]
+    # the built-in shapes benchmark scores itself in both spellings, to the same file
+    results = []
+    for spelling in ([], ["run"]):
+        done = eval_cli(*spelling, str(model), "--data", str(shapes), "--max-new-tokens", "3")
+        assert done.exit_code == 0, done.output[-2000:]
+        assert f"results: {tmp_path / 'run' / 'eval' / 'shapes.json'}" in done.output
+        results.append(json.loads((tmp_path / "run" / "eval" / "shapes.json").read_text())["pope"])
+    assert results[0] == results[1] == written["splits"]  # shapes' own POPE splits: the same questions and answers
+    refused = eval_cli(str(model), "--data", str(shapes), "--rule", "llava")
+    assert isinstance(refused.exception, ConfigError) and "shapes scores itself" in str(refused.exception)

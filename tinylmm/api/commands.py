@@ -382,6 +382,51 @@ def score_answers(bench: str, data, answers, *, rule: str | None = None, out=Non
     return scores, out
 
 
+def evaluate_answers(
+    model_dir,
+    bench: str,
+    data,
+    *,
+    rule: str | None = None,
+    out=None,
+    answers=None,
+    images=None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    on_batch=None,
+):
+    """`tinylmm eval MODEL --data`: `answer_benchmark`, then `score_answers` on its answer file
+    (scores by default beside it, <answers stem>.scores.json). The rule is checked before any
+    question is asked. Returns (AnswerReport, scores, scores path)."""
+    from tinylmm.eval.base import benchmark_that_can
+
+    benchmark = benchmark_that_can(bench, "score")
+    if rule is not None and rule not in benchmark.rules:
+        raise unknown(f"answer rule for {bench}", rule, benchmark.rules)
+    report = answer_benchmark(
+        model_dir,
+        bench,
+        data,
+        answers=answers,
+        images=images,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        on_batch=on_batch,
+    )
+    scores, path = score_answers(bench, data, report.answers, rule=rule, out=out)
+    return report, scores, path
+
+
+def build_pope(annotations, out, *, images: int = 500, questions_per_image: int = 3, seed: int = 0):
+    """`tinylmm eval build-pope`: POPE's three splits sampled from COCO-format instance
+    annotations, written as LLaVA-1.5's POPE folder `out`. Returns the PopeBuild report."""
+    from tinylmm.eval.pope_builder import build_pope as build
+
+    return build(annotations, out, images=images, questions_per_image=questions_per_image, seed=seed)
+
+
 def plot_run(run_dir) -> list[Path]:
     """`tinylmm plot`: redraw a run's pictures from its metrics.jsonl (plots/loss.png and
     plots/eval-<bench>.png per benchmark evaluated). Returns the paths written."""
