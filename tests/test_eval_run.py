@@ -287,3 +287,101 @@ def test_cli_eval_model_answers_scores_and_prints_the_table(world, tmp_path):
     assert results[0] == results[1] == written["splits"]  # shapes' own POPE splits: the same questions and answers
     refused = eval_cli(str(model), "--data", str(shapes), "--rule", "llava")
     assert isinstance(refused.exception, ConfigError) and "shapes scores itself" in str(refused.exception)
+
+
+# ---------------------------------------------------------------- bad input, across the benchmarks
+
+
+def write_json(path, obj, lines=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj))
+    return path
+
+
+def an_answer(qid, text="yes", prompt="q"):
+    return {"question_id": qid, "prompt": prompt, "text": text, "answer_id": "a", "model_id": "m", "metadata": {}}
+
+
+@pytest.mark.parametrize(
+    "bench, expected",
+    [
+        ("pope", "llava_pope_test.jsonl: expected LLaVA's POPE question file"),
+        ("scienceqa", "llava_test_CQM-A.json: expected LLaVA's ScienceQA test questions"),
+        ("gqa", "llava_gqa_testdev_balanced.jsonl: expected LLaVA's GQA testdev-balanced question file"),
+        ("textvqa", "llava_textvqa_val_v051_ocr.jsonl: expected LLaVA's TextVQA question file"),
+    ],
+)
+def test_a_missing_question_file_names_its_path_and_layout_file(world, tmp_path, bench, expected):
+    ckpt, _, _ = world
+    with pytest.raises(DataError, match=f"missing {tmp_path}/{expected}"):
+        answer_benchmark(ckpt, bench, tmp_path)
+
+
+def test_malformed_layout_entries_name_the_file_and_the_entry(tmp_path):
+    answers = write_json(tmp_path / "a.jsonl", [an_answer("1")], lines=True)
+    gqa = tmp_path / "gqa"
+    write_json(gqa / "data" / "testdev_balanced_questions.json", {"1": {"isBalanced": True}})
+    with pytest.raises(DataError, match=r"testdev_balanced_questions.json: question 1 has no 'answer'"):
+        score_answers("gqa", gqa, answers)
+    write_json(gqa / "data" / "testdev_balanced_questions.json", [{"answer": "yes"}])
+    with pytest.raises(DataError, match=r"testdev_balanced_questions.json: GQA's questions are a JSON object"):
+        score_answers("gqa", gqa, answers)
+    sqa = tmp_path / "scienceqa"
+    write_json(sqa / "pid_splits.json", {"test": ["1"]})
+    write_json(sqa / "problems.json", {"1": {"choices": ["a", "b"], "answer": 0}})
+    write_json(sqa / "llava_test_CQM-A.json", [{"conversations": []}])
+    with pytest.raises(DataError, match=r"llava_test_CQM-A.json: question 0 has no 'id'"):
+        score_answers("scienceqa", sqa, answers)
+    write_json(sqa / "llava_test_CQM-A.json", [{"id": "1"}])
+    write_json(sqa / "problems.json", {"1": {"answer": 0}})
+    with pytest.raises(DataError, match=r"problems.json: problem 1 has no 'choices'"):
+        score_answers("scienceqa", sqa, answers)
+    textvqa = tmp_path / "textvqa"
+    write_json(textvqa / "TextVQA_0.5.1_val.json", {"data": [{"question": "what?", "answers": ["a"] * 10}]})
+    with pytest.raises(DataError, match=r"TextVQA_0.5.1_val.json: data\[0\] has no 'image_id'"):
+        score_answers("textvqa", textvqa, answers)
+
+
+def test_unknown_duplicate_and_missing_ids_are_counted_for_each_benchmark(tmp_path):
+    gqa = tmp_path / "gqa"
+    write_json(gqa / "data" / "testdev_balanced_questions.json", {q: {"answer": "yes"} for q in ("1", "2", "3")})
+    bad = write_json(tmp_path / "bad.jsonl", [an_answer("1"), an_answer("1"), an_answer("7"), an_answer("8")], True)
+    with pytest.raises(
+        DataError,
+        match=r"bad.jsonl: 2 unknown question id\(s\) .*: 7, 8; 1 question id\(s\) answered more than once: 1",
+    ):
+        score_answers("gqa", gqa, bad)
+    some = write_json(tmp_path / "some.jsonl", [an_answer("2")], True)
+    scores, _ = score_answers("gqa", gqa, some)
+    assert scores["missing"] == {"n": 2, "ids": ["1", "3"]} and scores["metrics"]["accuracy"] == pytest.approx(1 / 3)
+    sqa = tmp_path / "scienceqa"
+    write_json(sqa / "pid_splits.json", {"test": ["1", "2"]})
+    write_json(sqa / "problems.json", {p: {"choices": ["a", "b"], "answer": 0} for p in ("1", "2")})
+    write_json(sqa / "llava_test_CQM-A.json", [{"id": "1", "image": "1/image.png"}, {"id": "2"}])
+    with pytest.raises(DataError, match=r"1 question id\(s\) answered more than once: 2"):
+        score_answers("scienceqa", sqa, write_json(tmp_path / "dup.jsonl", [an_answer("2", "A")] * 2, True))
+    scores, _ = score_answers("scienceqa", sqa, write_json(tmp_path / "one.jsonl", [an_answer("2", "A")], True))
+    assert scores["missing"] == {"n": 1, "ids": ["1"]} and scores["metrics"] == {"img_accuracy": 0.0, "accuracy": 0.5}
+
+
+def test_a_question_whose_image_is_missing_is_reported_and_scored_wrong(world, tmp_path):
+    """ScienceQA: the image question is not answered (reported), the text-only one is; `eval
+    score` then counts the image question wrong and lists it."""
+    ckpt, _, _ = world
+    sqa = tmp_path / "scienceqa"
+    (sqa / "images" / "test").mkdir(parents=True)  # the folder is there, 1/image.png is not
+    write_json(sqa / "pid_splits.json", {"test": ["1", "2"]})
+    write_json(sqa / "problems.json", {p: {"choices": ["a", "b"], "answer": 0} for p in ("1", "2")})
+    turn = [{"from": "human", "value": "<image>\nWhich?\nOptions: (A) a (B) b"}]
+    write_json(
+        sqa / "llava_test_CQM-A.json",
+        [{"id": "1", "image": "1/image.png", "conversations": turn}, {"id": "2", "conversations": turn}],
+    )
+    report = answer_benchmark(ckpt, "scienceqa", sqa, answers=tmp_path / "s.jsonl", max_new_tokens=2)
+    assert (report.answered, report.missing_images) == (1, ["1"])
+    scores, _ = score_answers("scienceqa", sqa, tmp_path / "s.jsonl")
+    assert (
+        scores["missing"] == {"n": 1, "ids": ["1"]}
+        and scores["n_img"] == 1
+        and scores["metrics"]["img_accuracy"] == 0.0
+    )
