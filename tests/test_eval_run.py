@@ -385,3 +385,22 @@ def test_a_question_whose_image_is_missing_is_reported_and_scored_wrong(world, t
         and scores["n_img"] == 1
         and scores["metrics"]["img_accuracy"] == 0.0
     )
+
+
+def test_an_unreadable_image_names_the_question_and_the_file(world, tmp_path):
+    from PIL import Image
+
+    ckpt, _, _ = world
+    gqa = tmp_path / "gqa"
+    (gqa / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (30, 30)).save(gqa / "data" / "images" / "good.jpg")
+    (gqa / "data" / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    rows = [{"question_id": q, "image": f"{q}.jpg", "text": "What is it?"} for q in ("good", "bad")]
+    write_json(gqa / "llava_gqa_testdev_balanced.jsonl", rows, lines=True)
+    answers = tmp_path / "g.jsonl"
+    with pytest.raises(DataError, match=r"question bad: .*bad.jpg is not a readable image"):
+        answer_benchmark(ckpt, "gqa", gqa, answers=answers, batch_size=1, max_new_tokens=2)
+    assert [r["question_id"] for r in read_jsonl(answers)] == ["good"]  # the batch before it is kept
+    Image.new("RGB", (30, 30)).save(gqa / "data" / "images" / "bad.jpg")
+    again = answer_benchmark(ckpt, "gqa", gqa, answers=answers, batch_size=1, max_new_tokens=2)
+    assert (again.skipped, again.answered) == (1, 1)

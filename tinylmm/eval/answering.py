@@ -14,6 +14,8 @@ same question id and prompt: TextVQA's question ids are image ids, shared by the
 one image) is skipped, so an interrupted run resumes; a last line cut short by the interruption
 is dropped and its question asked again. A question whose image is missing is
 not answered and is reported by id (its answer is then missing, scored wrong by `eval score`).
+An image file that cannot be read is an error naming the question and the file; the batches
+before it are in the answer file already, so the run resumes once the file is mended.
 """
 
 from __future__ import annotations
@@ -149,8 +151,13 @@ def answer_questions(
                     pictures.append([])
                     continue
                 convs.append([("human", f"{IMAGE_TOKEN}\n{q.text}")])
-                with Image.open(images / q.image) as im:
-                    pictures.append([im.convert("RGB")])
+                try:
+                    with Image.open(images / q.image) as im:
+                        pictures.append([im.convert("RGB")])
+                except OSError as e:  # PIL's UnidentifiedImageError is one: a file that is no image
+                    raise DataError(
+                        f"question {q.question_id}: {images / q.image} is not a readable image ({e})"
+                    ) from None
             texts = generate_batch(model, processor, convs, pictures, max_new_tokens=max_new_tokens)
             for q, text in zip(chunk, texts):
                 row = {
