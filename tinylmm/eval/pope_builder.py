@@ -32,8 +32,9 @@ file. `image` is COCO's `file_name`; the images themselves are not copied: put C
 at DIR/val2014 (pope.sh's --image-folder) or pass `eval run --images`.
 
 Where the released files differ: POPE's utils.py writes "an" questions with
-`template.replace("a", "an")`, hence "Is there an umbrella in the imange?" in the files LLaVA
-uses (58 to 144 questions a split); here the template is not mangled.
+`template.replace("a", "an")`, hence "Is there an umbrella in the imange?" in the files at
+e3e39262 that LLaVA uses (44 to 144 questions a split; POPE's later files spell "image");
+here the template is not mangled.
 """
 
 from __future__ import annotations
