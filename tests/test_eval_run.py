@@ -221,3 +221,187 @@ def test_gqa_questions_are_answered_and_scored(world, tmp_path):
     assert report.answered == 1 and read_jsonl(tmp_path / "g.jsonl")[0]["prompt"] == row["text"]
     scores, _ = score_answers("gqa", data, tmp_path / "g.jsonl")
     assert scores["n"] == 1 and scores["missing"]["n"] == 0
+
+
+def test_eval_model_answers_then_scores_beside_the_answers(world, tmp_path):
+    """`eval MODEL --data` (api.evaluate_answers) on a folder built by `eval build-pope`: the
+    questions whose image is missing are reported, not answered, and scored wrong."""
+    from PIL import Image
+    from test_eval_pope_builder import write_coco
+
+    from tinylmm.api import build_pope, evaluate_answers
+
+    ckpt, _, _ = world
+    pope = build_pope(write_coco(tmp_path), tmp_path / "pope", images=5, questions_per_image=2).out
+    (pope / "val2014").mkdir()
+    images = sorted({q["image"] for q in read_jsonl(pope / QUESTIONS)})
+    for k, name in enumerate(images[1:]):  # the first image is missing
+        Image.new("RGB", (32, 32), (40 * k, 200, 10)).save(pope / "val2014" / name)
+    gone = [str(q["question_id"]) for q in read_jsonl(pope / QUESTIONS) if q["image"] == images[0]]
+    assert len(gone) == 12  # 2 objects, each with a negative, in each of the 3 splits
+    with pytest.raises(ConfigError, match="unknown answer rule for pope 'lmms'"):
+        evaluate_answers(ckpt, "pope", pope, rule="lmms", answers=tmp_path / "a.jsonl")
+    assert not (tmp_path / "a.jsonl").exists()  # the rule is checked before any question is asked
+    report, scores, path = evaluate_answers(
+        ckpt, "pope", pope, rule="lmms-eval", answers=tmp_path / "a.jsonl", batch_size=16, max_new_tokens=2
+    )
+    assert (report.total, report.answered, report.missing_images) == (60, 48, gone)
+    assert path == tmp_path / "a.scores.json" and json.loads(path.read_text()) == scores
+    assert scores["rule"] == "lmms-eval" and scores["n"] == 60 and scores["missing"] == {"n": 12, "ids": gone}
+    assert scores == score_answers("pope", pope, tmp_path / "a.jsonl", rule="lmms-eval", out=tmp_path / "b.json")[0]
+
+
+def eval_cli(*args):
+    """`tinylmm eval ...` in this process (a subprocess would load torch again, for seconds)."""
+    from typer.testing import CliRunner
+
+    from tinylmm.cli.app import app
+
+    return CliRunner().invoke(app, ["eval", *args], env={"COLUMNS": "1000"})  # one line per message
+
+
+def test_cli_eval_model_answers_scores_and_prints_the_table(world, tmp_path):
+    import shutil
+
+    ckpt, shapes, pope = world
+    model = tmp_path / "run" / "final"
+    shutil.copytree(ckpt, model)
+    done = eval_cli(str(model), "--bench", "pope", "--data", str(pope), "--batch-size", "6", "--max-new-tokens", "3")
+    assert done.exit_code == 0, done.output[-2000:]
+    answers = tmp_path / "run" / "eval" / "pope-answers.jsonl"
+    scores = tmp_path / "run" / "eval" / "pope-answers.scores.json"  # side by side in the run's eval/
+    assert len(read_jsonl(answers)) == 18
+    written = json.loads(scores.read_text())
+    assert written == score_answers("pope", pope, answers, out=tmp_path / "again.json")[0]
+    said = done.output
+    assert "18 question(s) answered, 0 already in the answer file, of 18" in said
+    assert "pope (18 questions, rule: llava)" in said and f"scores: {scores}" in said
+    for split in ("random", "popular", "adversarial"):
+        assert f"{written['splits'][split]['f1']:.1%}" in said.split(split, 1)[1].splitlines()[0]
+    # the built-in shapes benchmark scores itself in both spellings, to the same file
+    results = []
+    for spelling in ([], ["run"]):
+        done = eval_cli(*spelling, str(model), "--data", str(shapes), "--max-new-tokens", "3")
+        assert done.exit_code == 0, done.output[-2000:]
+        assert f"results: {tmp_path / 'run' / 'eval' / 'shapes.json'}" in done.output
+        results.append(json.loads((tmp_path / "run" / "eval" / "shapes.json").read_text())["pope"])
+    assert results[0] == results[1] == written["splits"]  # shapes' own POPE splits: the same questions and answers
+    refused = eval_cli(str(model), "--data", str(shapes), "--rule", "llava")
+    assert isinstance(refused.exception, ConfigError) and "shapes scores itself" in str(refused.exception)
+
+
+# ---------------------------------------------------------------- bad input, across the benchmarks
+
+
+def write_json(path, obj, lines=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj))
+    return path
+
+
+def an_answer(qid, text="yes", prompt="q"):
+    return {"question_id": qid, "prompt": prompt, "text": text, "answer_id": "a", "model_id": "m", "metadata": {}}
+
+
+@pytest.mark.parametrize(
+    "bench, expected",
+    [
+        ("pope", "llava_pope_test.jsonl: expected LLaVA's POPE question file"),
+        ("scienceqa", "llava_test_CQM-A.json: expected LLaVA's ScienceQA test questions"),
+        ("gqa", "llava_gqa_testdev_balanced.jsonl: expected LLaVA's GQA testdev-balanced question file"),
+        ("textvqa", "llava_textvqa_val_v051_ocr.jsonl: expected LLaVA's TextVQA question file"),
+    ],
+)
+def test_a_missing_question_file_names_its_path_and_layout_file(world, tmp_path, bench, expected):
+    ckpt, _, _ = world
+    with pytest.raises(DataError, match=f"missing {tmp_path}/{expected}"):
+        answer_benchmark(ckpt, bench, tmp_path)
+
+
+def test_malformed_layout_entries_name_the_file_and_the_entry(tmp_path):
+    answers = write_json(tmp_path / "a.jsonl", [an_answer("1")], lines=True)
+    gqa = tmp_path / "gqa"
+    write_json(gqa / "data" / "testdev_balanced_questions.json", {"1": {"isBalanced": True}})
+    with pytest.raises(DataError, match=r"testdev_balanced_questions.json: question 1 has no 'answer'"):
+        score_answers("gqa", gqa, answers)
+    write_json(gqa / "data" / "testdev_balanced_questions.json", [{"answer": "yes"}])
+    with pytest.raises(DataError, match=r"testdev_balanced_questions.json: GQA's questions are a JSON object"):
+        score_answers("gqa", gqa, answers)
+    sqa = tmp_path / "scienceqa"
+    write_json(sqa / "pid_splits.json", {"test": ["1"]})
+    write_json(sqa / "problems.json", {"1": {"choices": ["a", "b"], "answer": 0}})
+    write_json(sqa / "llava_test_CQM-A.json", [{"conversations": []}])
+    with pytest.raises(DataError, match=r"llava_test_CQM-A.json: question 0 has no 'id'"):
+        score_answers("scienceqa", sqa, answers)
+    write_json(sqa / "llava_test_CQM-A.json", [{"id": "1"}])
+    write_json(sqa / "problems.json", {"1": {"answer": 0}})
+    with pytest.raises(DataError, match=r"problems.json: problem 1 has no 'choices'"):
+        score_answers("scienceqa", sqa, answers)
+    textvqa = tmp_path / "textvqa"
+    write_json(textvqa / "TextVQA_0.5.1_val.json", {"data": [{"question": "what?", "answers": ["a"] * 10}]})
+    with pytest.raises(DataError, match=r"TextVQA_0.5.1_val.json: data\[0\] has no 'image_id'"):
+        score_answers("textvqa", textvqa, answers)
+
+
+def test_unknown_duplicate_and_missing_ids_are_counted_for_each_benchmark(tmp_path):
+    gqa = tmp_path / "gqa"
+    write_json(gqa / "data" / "testdev_balanced_questions.json", {q: {"answer": "yes"} for q in ("1", "2", "3")})
+    bad = write_json(tmp_path / "bad.jsonl", [an_answer("1"), an_answer("1"), an_answer("7"), an_answer("8")], True)
+    with pytest.raises(
+        DataError,
+        match=r"bad.jsonl: 2 unknown question id\(s\) .*: 7, 8; 1 question id\(s\) answered more than once: 1",
+    ):
+        score_answers("gqa", gqa, bad)
+    some = write_json(tmp_path / "some.jsonl", [an_answer("2")], True)
+    scores, _ = score_answers("gqa", gqa, some)
+    assert scores["missing"] == {"n": 2, "ids": ["1", "3"]} and scores["metrics"]["accuracy"] == pytest.approx(1 / 3)
+    sqa = tmp_path / "scienceqa"
+    write_json(sqa / "pid_splits.json", {"test": ["1", "2"]})
+    write_json(sqa / "problems.json", {p: {"choices": ["a", "b"], "answer": 0} for p in ("1", "2")})
+    write_json(sqa / "llava_test_CQM-A.json", [{"id": "1", "image": "1/image.png"}, {"id": "2"}])
+    with pytest.raises(DataError, match=r"1 question id\(s\) answered more than once: 2"):
+        score_answers("scienceqa", sqa, write_json(tmp_path / "dup.jsonl", [an_answer("2", "A")] * 2, True))
+    scores, _ = score_answers("scienceqa", sqa, write_json(tmp_path / "one.jsonl", [an_answer("2", "A")], True))
+    assert scores["missing"] == {"n": 1, "ids": ["1"]} and scores["metrics"] == {"img_accuracy": 0.0, "accuracy": 0.5}
+
+
+def test_a_question_whose_image_is_missing_is_reported_and_scored_wrong(world, tmp_path):
+    """ScienceQA: the image question is not answered (reported), the text-only one is; `eval
+    score` then counts the image question wrong and lists it."""
+    ckpt, _, _ = world
+    sqa = tmp_path / "scienceqa"
+    (sqa / "images" / "test").mkdir(parents=True)  # the folder is there, 1/image.png is not
+    write_json(sqa / "pid_splits.json", {"test": ["1", "2"]})
+    write_json(sqa / "problems.json", {p: {"choices": ["a", "b"], "answer": 0} for p in ("1", "2")})
+    turn = [{"from": "human", "value": "<image>\nWhich?\nOptions: (A) a (B) b"}]
+    write_json(
+        sqa / "llava_test_CQM-A.json",
+        [{"id": "1", "image": "1/image.png", "conversations": turn}, {"id": "2", "conversations": turn}],
+    )
+    report = answer_benchmark(ckpt, "scienceqa", sqa, answers=tmp_path / "s.jsonl", max_new_tokens=2)
+    assert (report.answered, report.missing_images) == (1, ["1"])
+    scores, _ = score_answers("scienceqa", sqa, tmp_path / "s.jsonl")
+    assert (
+        scores["missing"] == {"n": 1, "ids": ["1"]}
+        and scores["n_img"] == 1
+        and scores["metrics"]["img_accuracy"] == 0.0
+    )
+
+
+def test_an_unreadable_image_names_the_question_and_the_file(world, tmp_path):
+    from PIL import Image
+
+    ckpt, _, _ = world
+    gqa = tmp_path / "gqa"
+    (gqa / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (30, 30)).save(gqa / "data" / "images" / "good.jpg")
+    (gqa / "data" / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    rows = [{"question_id": q, "image": f"{q}.jpg", "text": "What is it?"} for q in ("good", "bad")]
+    write_json(gqa / "llava_gqa_testdev_balanced.jsonl", rows, lines=True)
+    answers = tmp_path / "g.jsonl"
+    with pytest.raises(DataError, match=r"question bad: .*bad.jpg is not a readable image"):
+        answer_benchmark(ckpt, "gqa", gqa, answers=answers, batch_size=1, max_new_tokens=2)
+    assert [r["question_id"] for r in read_jsonl(answers)] == ["good"]  # the batch before it is kept
+    Image.new("RGB", (30, 30)).save(gqa / "data" / "images" / "bad.jpg")
+    again = answer_benchmark(ckpt, "gqa", gqa, answers=answers, batch_size=1, max_new_tokens=2)
+    assert (again.skipped, again.answered) == (1, 1)

@@ -407,8 +407,8 @@ def test_cli_eval_score(tmp_path):
     assert out.returncode == 2 and "coco_pope_random.json: expected POPE's random label file" in out.stderr
 
 
-def test_cli_eval_model_is_eval_run(tmp_path):
-    """The old spelling `tinylmm eval MODEL` goes to `eval run` (here: a folder that is no checkpoint)."""
+def test_cli_eval_model_and_eval_run_read_the_checkpoint(tmp_path):
+    """`tinylmm eval MODEL` (answer and score) and `eval run MODEL` both load MODEL (here: no checkpoint)."""
     for args in (["eval", str(tmp_path)], ["eval", "run", str(tmp_path)]):
         out = tinylmm(*args)
         assert out.returncode == 2 and "is not a tinylmm checkpoint" in out.stderr, out.stderr

@@ -362,6 +362,25 @@ def answer_benchmark(
     )
 
 
+def _check_judge(bench: str, benchmark, judge_url, judge_model, judge_key_env) -> None:
+    """Judge flags go with the judge-scored benchmarks (LLaVA-Bench, MM-Vet), and those need them."""
+    from tinylmm.eval.base import BENCHMARKS
+
+    judged = getattr(benchmark, "judged", False)
+    given = {"--judge-url": judge_url, "--judge-model": judge_model, "--judge-key-env": judge_key_env}
+    if not judged and any(v is not None for v in given.values()):
+        names = ", ".join(n for n, b in BENCHMARKS.items() if getattr(b, "judged", False))
+        flags = ", ".join(f for f, v in given.items() if v is not None)
+        raise ConfigError(f"{flags}: {bench} is not scored by a judge model (those that are: {names})")
+    if judged and (judge_url is None or judge_model is None):
+        needed = " and ".join(f for f in ("--judge-url", "--judge-model") if given[f] is None)
+        raise ConfigError(
+            f"{bench} is scored by a judge model: {needed} needed (an OpenAI-compatible chat-completions "
+            f"endpoint, e.g. https://api.openai.com/v1, and its model; the key is read from "
+            f"${judge_key_env or 'OPENAI_API_KEY'}, --judge-key-env names another variable)"
+        )
+
+
 def score_answers(
     bench: str,
     data,
@@ -380,25 +399,14 @@ def score_answers(
     model `judge_model` at the OpenAI-compatible endpoint `judge_url`, its key read from the
     environment variable `judge_key_env` (OPENAI_API_KEY), and cache its replies beside the
     scores in <scores stem>.judge.jsonl."""
-    from tinylmm.eval.base import BENCHMARKS, benchmark_that_can
+    from tinylmm.eval.base import benchmark_that_can
 
     benchmark = benchmark_that_can(bench, "score")
     rule = rule or benchmark.rules[0]
     if rule not in benchmark.rules:
         raise unknown(f"answer rule for {bench}", rule, benchmark.rules)
+    _check_judge(bench, benchmark, judge_url, judge_model, judge_key_env)
     judged = getattr(benchmark, "judged", False)
-    given = {"--judge-url": judge_url, "--judge-model": judge_model, "--judge-key-env": judge_key_env}
-    if not judged and any(v is not None for v in given.values()):
-        names = ", ".join(n for n, b in BENCHMARKS.items() if getattr(b, "judged", False))
-        flags = ", ".join(f for f, v in given.items() if v is not None)
-        raise ConfigError(f"{flags}: {bench} is not scored by a judge model (those that are: {names})")
-    if judged and (judge_url is None or judge_model is None):
-        needed = " and ".join(f for f in ("--judge-url", "--judge-model") if given[f] is None)
-        raise ConfigError(
-            f"{bench} is scored by a judge model: {needed} needed (an OpenAI-compatible chat-completions "
-            f"endpoint, e.g. https://api.openai.com/v1, and its model; the key is read from "
-            f"${judge_key_env or 'OPENAI_API_KEY'}, --judge-key-env names another variable)"
-        )
     data, answers = Path(data), Path(answers)
     if not data.is_dir():
         raise DataError(
@@ -417,6 +425,56 @@ def score_answers(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores, out
+
+
+def evaluate_answers(
+    model_dir,
+    bench: str,
+    data,
+    *,
+    rule: str | None = None,
+    out=None,
+    answers=None,
+    images=None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    on_batch=None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    judge_key_env: str | None = None,
+):
+    """`tinylmm eval MODEL --data`: `answer_benchmark`, then `score_answers` on its answer file
+    (scores by default beside it, <answers stem>.scores.json). The rule and the judge flags are
+    checked before any question is asked. Returns (AnswerReport, scores, scores path)."""
+    from tinylmm.eval.base import benchmark_that_can
+
+    benchmark = benchmark_that_can(bench, "score")
+    if rule is not None and rule not in benchmark.rules:
+        raise unknown(f"answer rule for {bench}", rule, benchmark.rules)
+    _check_judge(bench, benchmark, judge_url, judge_model, judge_key_env)
+    report = answer_benchmark(
+        model_dir,
+        bench,
+        data,
+        answers=answers,
+        images=images,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        on_batch=on_batch,
+    )
+    judge = {"judge_url": judge_url, "judge_model": judge_model, "judge_key_env": judge_key_env}
+    scores, path = score_answers(bench, data, report.answers, rule=rule, out=out, **judge)
+    return report, scores, path
+
+
+def build_pope(annotations, out, *, images: int = 500, questions_per_image: int = 3, seed: int = 0):
+    """`tinylmm eval build-pope`: POPE's three splits sampled from COCO-format instance
+    annotations, written as LLaVA-1.5's POPE folder `out`. Returns the PopeBuild report."""
+    from tinylmm.eval.pope_builder import build_pope as build
+
+    return build(annotations, out, images=images, questions_per_image=questions_per_image, seed=seed)
 
 
 def plot_run(run_dir) -> list[Path]:

@@ -1,5 +1,8 @@
-"""`tinylmm eval`: `eval run MODEL` (also spelt `eval MODEL`) answers a benchmark with a
-checkpoint and scores it; `eval score` scores an answer file in LLaVA's answer format, no model."""
+"""`tinylmm eval`: `eval MODEL` answers a benchmark with a checkpoint, scores the answers and
+prints the table; `eval run MODEL` only answers, into an answer file in LLaVA's answer format;
+`eval score` scores an answer file, no model; `eval build-pope` builds POPE from COCO annotations.
+An answer file and its scores sit side by side: <run>/eval/<bench>-answers.jsonl and
+<run>/eval/<bench>-answers.scores.json by default (the built-in shapes: <run>/eval/shapes.json)."""
 
 from __future__ import annotations
 
@@ -14,21 +17,24 @@ from tinylmm import api
 from tinylmm.errors import ConfigError
 from tinylmm.train.progress import Reporter
 
+COMBINED = "answer-and-score"  # the hidden command that `tinylmm eval MODEL ...` is
+
 
 class ModelOrCommand(TyperGroup):
-    """`tinylmm eval MODEL ...` is `tinylmm eval run MODEL ...`: a first word that is neither a
-    subcommand nor an option is the model directory (the command's form before `score` came)."""
+    """`tinylmm eval MODEL ...` answers and scores: a first word that is neither a subcommand
+    nor an option is the model directory, given to the hidden command COMBINED."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
+            args = [COMBINED, *args]
         return super().parse_args(ctx, args)
 
 
 app = typer.Typer(
     cls=ModelOrCommand,
     no_args_is_help=True,
-    help="Evaluate: `eval run MODEL` (or `eval MODEL`) on a benchmark; `eval score` an answer file, no model.",
+    help="Evaluate. `eval MODEL --bench B --data DIR`: answer, score and print the table (shapes: no --data); "
+    "`eval run MODEL`: only answer, into an answer file; `eval score`: score an answer file, no model.",
 )
 
 
@@ -64,11 +70,7 @@ def evaluate(
 
     console = Console()
     if answers is None and images is None and limit is None and api.evaluates_itself(bench):
-        result, path = api.evaluate_checkpoint(
-            model_dir, bench, out=out, data=data, batch_size=batch_size or 32, max_new_tokens=max_new_tokens or 8
-        )
-        Reporter(console, True, Path("/dev/null")).eval_table(result)
-        console.print(f"results: {path}")
+        evaluate_shapes(console, model_dir, bench, out, data, batch_size, max_new_tokens)
         return
     if out is not None:
         raise ConfigError("--out is the built-in shapes results file; an answer file goes to --answers")
@@ -86,6 +88,88 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             on_batch=on_batch,
         )
+    print_answered(console, report)
+    console.print(
+        f"score it: tinylmm eval score --bench {bench} --data {data} --answers {report.answers}", soft_wrap=True
+    )
+
+
+@app.command(COMBINED, hidden=True)
+def answer_and_score(
+    model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
+    bench: str = typer.Option("shapes", "--bench", "-b", help="benchmark name"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="benchmark folder (LLaVA-1.5's eval layout; shapes: made on the fly if absent)"
+    ),
+    rule: Optional[str] = typer.Option(
+        None, "--rule", help="answer rule: llava (default) or lmms-eval where the benchmark has it"
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        help="scores JSON (default <answers stem>.scores.json beside the answers; shapes: its results JSON)",
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="image folder (default: where the layout keeps them, e.g. pope/val2014)"
+    ),
+    answers: Optional[Path] = typer.Option(
+        None,
+        "--answers",
+        help="answer file to write or resume, LLaVA's format (default <model_dir>/../eval/<bench>-answers.jsonl)",
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="answer only the first N questions (the rest: missing)"),
+    batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help="answer length cap in tokens (shapes 8, LLaVA-Bench and MM-Vet 1024, else 128)"
+    ),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="LLaVA-Bench, MM-Vet: the judge's API"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="LLaVA-Bench, MM-Vet: the judge model"),
+    judge_key_env: Optional[str] = typer.Option(
+        None, "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
+    ),
+):
+    """`tinylmm eval MODEL`: answer a benchmark with a checkpoint, score the answers, print the table."""
+    from rich.console import Console
+
+    console = Console()
+    if answers is None and images is None and limit is None and api.evaluates_itself(bench):
+        if rule is not None:
+            raise ConfigError(f"--rule: {bench} scores itself; the rule is for benchmarks scored from answer files")
+        evaluate_shapes(console, model_dir, bench, out, data, batch_size, max_new_tokens)
+        return
+    if data is None:
+        raise ConfigError(f"--data is needed: the {bench} folder of LLaVA-1.5's eval layout")
+    with answering_progress(console) as on_batch:
+        report, scores, path = api.evaluate_answers(
+            model_dir,
+            bench,
+            data,
+            rule=rule,
+            out=out,
+            answers=answers,
+            images=images,
+            limit=limit,
+            batch_size=batch_size or 8,
+            max_new_tokens=max_new_tokens,
+            on_batch=on_batch,
+            judge_url=judge_url,
+            judge_model=judge_model,
+            judge_key_env=judge_key_env,
+        )
+    print_answered(console, report)
+    print_scores(console, scores, path)
+
+
+def evaluate_shapes(console, model_dir, bench, out, data, batch_size, max_new_tokens) -> None:
+    """A benchmark that scores itself (the built-in shapes): evaluated, its table printed."""
+    result, path = api.evaluate_checkpoint(
+        model_dir, bench, out=out, data=data, batch_size=batch_size or 32, max_new_tokens=max_new_tokens or 8
+    )
+    Reporter(console, True, Path("/dev/null")).eval_table(result)
+    console.print(f"results: {path}")
+
+
+def print_answered(console, report) -> None:
     console.print(
         f"{report.answered} question(s) answered, {report.skipped} already in the answer file, of {report.total}"
     )
@@ -96,9 +180,6 @@ def evaluate(
             + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
         )
     console.print(f"answers: {report.answers}", soft_wrap=True)
-    console.print(
-        f"score it: tinylmm eval score --bench {bench} --data {data} --answers {report.answers}", soft_wrap=True
-    )
 
 
 @contextmanager
@@ -159,7 +240,10 @@ def score(
         judge_model=judge_model,
         judge_key_env=judge_key_env,
     )
-    console = Console()
+    print_scores(Console(), scores, path)
+
+
+def print_scores(console, scores: dict, path: Path) -> None:
     console.print(scores_table(scores))
     if scores.get("missing", {}).get("n"):
         m = scores["missing"]
@@ -215,3 +299,33 @@ def scores_table(scores: dict):
         *(f"[bold]{cell(m, scores['metrics'][m])}" if m in scores["metrics"] else "" for m in metrics),
     )
     return table
+
+
+@app.command("build-pope")
+def build_pope(
+    annotations: Path = typer.Option(
+        ..., "--annotations", help="COCO-format instance annotations (e.g. annotations/instances_val2014.json)"
+    ),
+    out: Path = typer.Option(..., "--out", help="the POPE folder to write (LLaVA-1.5's playground/data/eval/pope)"),
+    images: int = typer.Option(500, "--images", help="images to sample (POPE's --img_num)"),
+    questions_per_image: int = typer.Option(
+        3, "--questions-per-image", help="objects asked per image and split, each with one absent (POPE's --sample_num)"
+    ),
+    seed: int = typer.Option(0, "--seed", help="seeds the image sample and the random negatives"),
+):
+    """Build POPE's random, popular and adversarial splits from COCO annotations, in LLaVA-1.5's layout."""
+    from rich.console import Console
+
+    built = api.build_pope(annotations, out, images=images, questions_per_image=questions_per_image, seed=seed)
+    console = Console()
+    per_split = ", ".join(f"{split} {n}" for split, n in built.questions.items())
+    console.print(f"POPE: {built.images} images of {built.eligible} eligible, questions per split: {per_split}")
+    if built.too_few:
+        ids = ", ".join(map(str, built.too_few[:10])) + (", ..." if len(built.too_few) > 10 else "")
+        console.print(
+            f"[yellow]{len(built.too_few)} image(s) with fewer than {questions_per_image} objects left out, "
+            f"as POPE leaves them out: {ids}"
+        )
+    written = f"{built.out / 'llava_pope_test.jsonl'}, {built.out / 'coco'}/coco_pope_*.json"
+    console.print(f"written: {written}", soft_wrap=True)
+    console.print(f"images: put COCO's val2014 at {built.out / 'val2014'}, or give `eval run --images`", soft_wrap=True)

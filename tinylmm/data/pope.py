@@ -26,6 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 STRATEGIES = ("random", "popular", "adversarial")
+QUESTION = "Is there {} in the image?"  # POPE's --template
+
+
+def question_text(obj: str) -> str:
+    """POPE's question about `obj` (utils.py `create_question`): "an" before a vowel, else "a"."""
+    return QUESTION.format(("an " if obj[:1] in "aeiou" else "a ") + obj)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ A question file may carry its images (MMBench's TSV, base64): such a question ho
 image (`picture`) instead of a path. A benchmark whose LLaVA script writes more fields into
 each answer (model_vqa_mmbench.py: round_id, options, option_char) gives them as `fields`; a
 `round_id` there is part of what makes an answer already given (one prompt, several rounds).
+An image file that cannot be read is an error naming the question and the file; the batches
+before it are in the answer file already, so the run resumes once the file is mended.
 """
 
 from __future__ import annotations
@@ -157,8 +159,13 @@ def answer_questions(
                     pictures.append([])
                     continue
                 convs.append([("human", f"{IMAGE_TOKEN}\n{q.text}")])
-                with Image.open(images / q.image if q.picture is None else io.BytesIO(q.picture)) as im:
-                    pictures.append([im.convert("RGB")])
+                source = images / q.image if q.picture is None else io.BytesIO(q.picture)
+                try:
+                    with Image.open(source) as im:
+                        pictures.append([im.convert("RGB")])
+                except OSError as e:  # PIL's UnidentifiedImageError is one: a file that is no image
+                    where = images / q.image if q.picture is None else "its image in the question file"
+                    raise DataError(f"question {q.question_id}: {where} is not a readable image ({e})") from None
             texts = generate_batch(model, processor, convs, pictures, max_new_tokens=max_new_tokens)
             for q, text in zip(chunk, texts):
                 row = {

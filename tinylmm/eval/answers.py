@@ -39,6 +39,17 @@ def read_json(path: Path):
         raise DataError(f"{path} is not JSON: {e}") from None
 
 
+def with_keys(path: Path, where: str, row, keys: Iterable[str]) -> dict:
+    """`row`, an entry of the layout file `path` (`where` names it: "question 7"), which must be a
+    JSON object holding `keys`: else an error naming the file, the entry and the key."""
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: {where} is not a JSON object")
+    for key in keys:
+        if key not in row:
+            raise DataError(f"{path}: {where} has no '{key}'")
+    return row
+
+
 def _ids(ids: Iterable[str]) -> str:
     ids = list(ids)
     shown = ", ".join(ids[:SHOWN_IDS])

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tinylmm.errors import DataError
 from tinylmm.eval.answering import read_question_jsonl
-from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
+from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json, with_keys
 from tinylmm.eval.base import BENCHMARKS
 
 QUESTIONS = "data/testdev_balanced_questions.json"
@@ -31,7 +32,12 @@ def convert(text: str) -> str:
 
 
 def score_gqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
-    questions = read_json(layout_file(Path(data), QUESTIONS, "GQA's testdev-balanced questions"))
+    path = layout_file(Path(data), QUESTIONS, "GQA's testdev-balanced questions")
+    questions = read_json(path)
+    if not isinstance(questions, dict):
+        raise DataError(f"{path}: GQA's questions are a JSON object {{question id: question}}")
+    for qid, q in questions.items():
+        with_keys(path, f"question {qid}", q, ("answer",))
     answers = read_answers(answers_path, questions)
     balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
     right = sum(

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tinylmm.errors import DataError
 from tinylmm.eval.answering import Question
-from tinylmm.eval.answers import layout_file, read_answers, read_json
+from tinylmm.eval.answers import layout_file, read_answers, read_json, with_keys
 from tinylmm.eval.base import BENCHMARKS
 
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -65,10 +65,14 @@ def score_scienceqa(data: Path, answers_path: Path, rule: str = "llava") -> dict
     if "test" not in splits:
         raise DataError(f"{data / 'pid_splits.json'} has no 'test' split")
     test = [str(p) for p in splits["test"]]
-    has_image = {str(q["id"]): "image" in q for q in questions}
+    if not isinstance(questions, list):
+        raise DataError(f"{data / QUESTIONS}: LLaVA's ScienceQA questions are a JSON list")
+    rows = [with_keys(data / QUESTIONS, f"question {i}", q, ("id",)) for i, q in enumerate(questions)]
+    has_image = {str(q["id"]): "image" in q for q in rows}
     for pid in test:
         if pid not in problems:
             raise DataError(f"test problem {pid} of {data / 'pid_splits.json'} is not in {data / 'problems.json'}")
+        with_keys(data / "problems.json", f"problem {pid}", problems[pid], ("choices", "answer"))
         if pid not in has_image:
             raise DataError(
                 f"test problem {pid} of {data / 'pid_splits.json'} is not in {data / 'llava_test_CQM-A.json'}"

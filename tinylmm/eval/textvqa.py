@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tinylmm.errors import DataError
 from tinylmm.eval.answering import read_question_jsonl
-from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json
+from tinylmm.eval.answers import accuracy_scores, layout_file, read_answers, read_json, with_keys
 from tinylmm.eval.base import BENCHMARKS
 from tinylmm.eval.vqa_accuracy import evalai_normalize as normalize
 from tinylmm.eval.vqa_accuracy import leave_one_out_accuracy
@@ -71,6 +71,8 @@ def score_textvqa(data: Path, answers_path: Path, rule: str = "llava") -> dict:
     annotations = read_json(path)
     if not isinstance(annotations, dict) or "data" not in annotations:
         raise DataError(f"{path} has no 'data' list (TextVQA's annotation format)")
+    for i, a in enumerate(annotations["data"]):
+        with_keys(path, f"data[{i}]", a, ("image_id", "question"))
     # keyed as LLaVA keys them (a repeated image and question keeps its last annotation)
     by_key = {_key(a["image_id"], a["question"].lower()): a for a in annotations["data"]}
     for k, a in by_key.items():
