@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,14 @@ from tinylmm.models.generation import generate_batch
 
 from conftest import TINY
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'tinylmm[lmms-eval]')")
-from lmms_eval.api.instance import Instance  # noqa: E402
-from loguru import logger  # noqa: E402 (lmms-eval's logger)
+# lmms_eval/utils.py calls warnings.filterwarnings("ignore") when imported: kept inside this
+# block, so the rest of the suite (collected in the same process) still sees its warnings.
+with warnings.catch_warnings():
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'tinylmm[lmms-eval]')")
+    from lmms_eval.api.instance import Instance
+    from loguru import logger  # lmms-eval's logger
 
-from tinylmm.api.lmms_eval_model import TinyLMMChat  # noqa: E402
+    from tinylmm.api.lmms_eval_model import TinyLMMChat
 
 QUESTIONS = ["What is in the picture?", "What colour is it?", "Is there a circle?", "Describe the image.", "Say hi."]
 MAX_NEW_TOKENS = 4
