@@ -204,6 +204,40 @@ def test_generate_until_cuts_at_the_stop_strings_and_keeps_the_order(chat, world
     assert cut[1] == full[1].split(stop, 1)[0]
 
 
+@pytest.mark.parametrize(
+    "gen_kwargs, options",
+    [
+        ({"temperature": 0.8, "top_p": 0.9}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9}),
+        ({"do_sample": True}, {"do_sample": True, "temperature": 1.0, "top_p": 1.0}),
+        ({"temperature": 0, "num_beams": 2}, {"num_beams": 2}),
+    ],
+)
+def test_sampling_and_beam_kwargs_reach_generate(chat, world, gen_kwargs, options):
+    _, docs = world
+    image = Image.open(docs[3]["image"]).convert("RGB")
+    requests = _requests(chat, [_user(docs[3]["question"], image)], {"max_new_tokens": MAX_NEW_TOKENS, **gen_kwargs})
+    torch.manual_seed(7)
+    [answer] = chat.generate_until(requests)
+    torch.manual_seed(7)
+    [direct] = generate_batch(
+        chat.model,
+        chat.processor,
+        [[("human", f"{IMAGE_TOKEN}\n{docs[3]['question']}")]],
+        [[image]],
+        max_new_tokens=MAX_NEW_TOKENS,
+        **options,
+    )
+    assert answer == direct
+    if "num_beams" in options:  # on this document beam search finds another answer than greedy
+        assert answer != docs[3]["expected"]
+    if options.get("do_sample"):  # sampled: another seed, another answer
+        seeds = set()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            seeds.add(chat.generate_until(requests)[0])
+        assert len(seeds) > 1
+
+
 def test_requests_the_model_cannot_take_name_the_task_and_document(chat, world):
     image = world[1][0]["image"]
     system = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + _user("Hi", image)

@@ -65,7 +65,8 @@ class TinyLMMChat(lmms):
         super().__init__()
         if unknown:
             names = ", ".join(sorted(unknown))
-            raise ConfigError(f"lmms-eval model tinylmm: unknown model_args {names}; known: pretrained, dtype, device")
+            known = "pretrained, dtype, device (and --batch_size)"
+            raise ConfigError(f"lmms-eval model tinylmm: unknown model_args {names}; known: {known}")
         if not pretrained:
             raise ConfigError("lmms-eval model tinylmm needs --model_args pretrained=RUN/final (a checkpoint dir)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # lmms-eval would shard requests over ranks we never join
