@@ -15,12 +15,13 @@ Per sample, in this order (the first failure is the sample's reason):
     unreadable image       the file does not decode (`verify_images`: data check always, train
                            with `data.verify_images: true`)
 
-Decoding runs in a process pool (concurrent.futures.ProcessPoolExecutor, "spawn" start
-method): PIL releases the GIL inside its decoders but not in the Python loop that feeds them
-chunks, nor while opening and identifying a file, so threads share one core for much of the
-work. Processes need nothing shared but a path in and a short string out. "spawn" rather
-than fork: the caller holds torch, tokenizers and possibly CUDA, none of which a forked
-child may safely inherit; a spawned worker imports PIL and tinylmm.data.images only.
+Decoding runs in a process pool (concurrent.futures.ProcessPoolExecutor): PIL releases the
+GIL inside its decoders but not in the Python loop that feeds them chunks, nor while it opens
+and identifies a file, so threads share one core for much of the work (bench/decode_pool.py).
+A worker needs nothing but a path in and a short string out. Workers are forked where the
+platform can (Linux), as torch's DataLoader starts its workers: a spawned worker would import
+the main module again (torch, transformers: seconds per worker, bench/decode_pool.py). A
+forked worker only runs PIL on a file, none of the parent's torch, tokenizers or CUDA state.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def find_unreadable(
     if workers == 1:
         return _collect(paths, map(decode_error, map(str, paths)), on_decoded)
     chunk = max(1, min(DECODE_CHUNK, len(paths) // workers))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # None: the platform's
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         return _collect(paths, pool.map(decode_error, map(str, paths), chunksize=chunk), on_decoded)
 
 

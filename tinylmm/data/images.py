@@ -7,8 +7,7 @@ followed and not refused: the data file names the paths, but the folder's conten
 user's own, and LLaVA / ShareGPT4V layouts commonly link `data/coco`, `data/sam` ... to where
 the downloads live (resolving links before the check would refuse exactly those).
 
-This module imports only PIL (and tinylmm.errors): `decode_error` runs in the worker processes
-of `find_unreadable` (tinylmm.data.check), which start with the "spawn" method and import it.
+`decode_error` is the task of `find_unreadable`'s worker processes (tinylmm.data.check).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Sampler
 
 from tinylmm.data.images import UnreadableImage
 from tinylmm.errors import DataError
+from tinylmm.files import write_file_atomically
 from tinylmm.train import checkpoint as ckpt
 
 SKIP_REPORT = "skipped.jsonl"
@@ -145,8 +146,8 @@ class SkipLog:
         self._write()
 
     def _write(self) -> None:
-        if self.is_main and (self.records or self.path.exists()):
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if self.is_main and (self.records or self.path.exists()):  # whole or not at all: resume reads it
+            write_file_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
 
 def allowed(max_bad_images: float, num_samples: int) -> float:
@@ -174,10 +175,10 @@ class BadImages:
     def settle(self, planned_tokens: int, trainable) -> int:
         """At the end of a step's backward passes: record the step's failures (all processes),
         rescale the gradients to the supervised tokens really trained on; -> that count."""
-        local = torch.tensor([sum(f.token_delta for f in self.pending), len(self.pending)], device=self.accel.device)
-        if self.accel.num_processes > 1:
-            local = self.accel.reduce(local, reduction="sum")
-        delta, found = (int(x) for x in local.tolist())
+        delta, found = sum(f.token_delta for f in self.pending), len(self.pending)
+        if self.accel.num_processes > 1:  # every process must know: all rescale, record and stop alike
+            both = self.accel.reduce(torch.tensor([delta, found], device=self.accel.device), reduction="sum")
+            delta, found = (int(x) for x in both.tolist())
         if not found:
             return planned_tokens
         failures = self.pending
