@@ -1,5 +1,6 @@
 """Image decoding for `tinylmm data check` / `data.verify_images`: one process, a thread pool,
-and the process pool tinylmm.data.check uses, on COCO-sized JPEGs (640 x 480, ~q90).
+and the process pool tinylmm.data.check uses (fork), beside a "spawn" one, on COCO-sized
+JPEGs (640 x 480, quality 90).
 
     python bench/decode_pool.py [--images 400] [--workers 2 4 8]
 
@@ -10,9 +11,10 @@ start-up included, as `data check` pays it).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,12 @@ def main() -> None:
                     assert not any(pool.map(decode_error, map(str, paths)))
 
             print(f"| threads | {w} | {len(paths) / timed(threads):.0f} |")
+
+            def spawned(w=w):  # what "spawn" would cost: each worker imports this script again (torch ...)
+                with ProcessPoolExecutor(w, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    assert not any(pool.map(decode_error, map(str, paths), chunksize=32))
+
+            print(f"| processes (spawn) | {w} | {len(paths) / timed(spawned):.0f} |")
             print(f"| processes (fork) | {w} | {len(paths) / timed(lambda w=w: find_unreadable(paths, w)):.0f} |")
 
 
