@@ -349,3 +349,24 @@ def test_two_processes_replace_the_same_samples_as_one(tmp_path):
     assert key and sorted((r["step"], r["id"], r["replaced_by"]) for r in _skips(run)) == key
     a, b = _losses(ref), _losses(run)
     assert [s for s, _ in a] == [s for s, _ in b] and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+
+
+def test_decoding_runs_in_as_many_processes_as_asked(tmp_path, monkeypatch):
+    from tinylmm.data import check
+
+    pools = []
+
+    class Recorded(check.ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(check, "ProcessPoolExecutor", Recorded)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(_noise_png(seed=i)[: 1500 if i == 2 else None])
+    progress = []
+    assert list(check.find_unreadable(paths, 1)) == [paths[2]] and pools == []  # one: in this process
+    assert list(check.find_unreadable(paths, 2, lambda done, total: progress.append((done, total)))) == [paths[2]]
+    assert pools == [2] and progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
