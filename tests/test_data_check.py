@@ -247,7 +247,8 @@ def test_more_bad_images_than_allowed_stop_with_a_checkpoint_naming_the_files(tm
     data, img = _train_data(tmp_path)
     run = tmp_path / "run"
     argv = ["train", "--recipe", _recipe(tmp_path, data, img), "-o", str(run), "--no-eval", *TINY]
-    code, _, err = _cli(monkeypatch, capsys, *argv, "data.max_bad_images=1")
+    # DataLoader workers: the failures come back from them with the batches
+    code, _, err = _cli(monkeypatch, capsys, *argv, "data.max_bad_images=1", "train.num_workers=2")
     assert code == 2
     assert {r["id"] for r in _skips(run)} == set(BAD)  # stopped at the step the second one failed
     flat = "".join(err.split())  # rich folds long paths across lines
