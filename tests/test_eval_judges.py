@@ -10,8 +10,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_eval_score import answer, write_jsonl
 
-from tests.test_eval_score import answer, write_jsonl
 from tinylmm.api import score_answers
 from tinylmm.errors import ConfigError
 from tinylmm.eval import BENCHMARKS

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from test_cli import ENV
 
-from tests.test_cli import ENV
 from tinylmm.api import score_answers
 from tinylmm.errors import ConfigError, DataError
 from tinylmm.eval.gqa import convert

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from tinylmm.api.instructize import instructize_file
+from tinylmm.api.data import instructize_file
 from tinylmm.data.instructize import InstructOptions, instructize, load_templates, read_records
 from tinylmm.errors import ConfigError, DataError
 from tinylmm.resources import asset
@@ -254,3 +254,21 @@ def test_ls_and_cp_the_shipped_template_files(tmp_path):
     assert load_templates("rec", path).templates == load_templates("rec").templates
     with pytest.raises(ConfigError, match="already exists"):
         api.copy_shipped("instruct-rec", tmp_path)
+
+
+def test_the_cli_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from tinylmm.cli.app import app
+
+    src = tmp_path / "vqa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in vqa_records()))
+    out = tmp_path / "llava.json"
+    args = ["data", "instructize", str(src), "--task", "vqa", "--turns", "0", "--diversity", "single"]
+    args += ["--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 records -> 2 conversations of 3 QA pairs (1 duplicate pair dropped, 0 inverted)" in result.output
+    assert [s["id"] for s in json.loads(out.read_text())] == ["q1", "q4"]
+    result = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "x.json"), "--field", "question"])
+    assert result.exit_code != 0 and "--field takes FIELD=KEY" in str(result.exception or result.output)

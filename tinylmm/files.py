@@ -26,3 +26,16 @@ def write_atomically(dest: Path, write) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+
+
+def write_file_atomically(dest: Path, text: str) -> None:
+    """`text` (UTF-8) into the file `dest` the same way: a temporary file beside it, renamed
+    over it when whole."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -230,6 +230,19 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Run-level data settings (tinylmm.data.check): what `train` checks at its start, and how
+    many images that fail while training it replaces before it stops."""
+
+    verify_images: bool = False  # decode every image at the start (existence is always checked)
+    # images that fail to decode while training, each replaced by another sample, before the run
+    # saves a checkpoint and stops: a count, or a fraction of the stage's samples when below 1
+    max_bad_images: float = 0.001
+    # accept `image` paths that leave the image folder (`../x.png`, absolute paths)
+    allow_outside_paths: bool = False
+
+
+@dataclass
 class EvalConfig:
     bench: list[str] = field(default_factory=lambda: ["shapes"])  # run after the last stage
     batch_size: int = 32
@@ -247,12 +260,21 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
+    data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys whose value replaces the previous layer's as a whole instead of merging into it:
 # a stage that reads `{shapes: caption}` must not inherit the recipe's `json:` path.
 ATOMIC_KEYS = {"data", "config"}
+
+
+def is_atomic(path: list[str]) -> bool:
+    """Whether the section at `path` is replaced as a whole (ATOMIC_KEYS below the top: the
+    run-level `data:` settings merge key by key like every other top-level section)."""
+    return len(path) > 1 and path[-1] in ATOMIC_KEYS
+
+
 COMPONENTS = ("vision", "connector", "llm")
 
 

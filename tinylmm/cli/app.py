@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tinylmm.cli import chat, convert, evaluate, export, launch, listing, merge, plan, plot, serve, train, zoo
+from tinylmm.cli import chat, convert, data, evaluate, export, launch, listing, merge, plan, plot, serve, train, zoo
 from tinylmm.cli.errors import run_cli
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("plan")(plan.plan)
 app.command("plot")(plot.plot)
 app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(launch.launch)
 app.add_typer(zoo.app, name="zoo")
+app.add_typer(data.app, name="data")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from tinylmm.errors import ConfigError
-from tinylmm.schema import ATOMIC_KEYS, load_yaml
+from tinylmm.schema import is_atomic, load_yaml
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -61,7 +61,7 @@ class Layers:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override '{'.'.join(path)}': '{p}' is a value, not a section")
             node = nxt
-        if isinstance(value, dict) and path[-1] not in ATOMIC_KEYS and isinstance(node.get(path[-1], {}), dict):
+        if isinstance(value, dict) and not is_atomic(path) and isinstance(node.get(path[-1], {}), dict):
             self._merge(node.setdefault(path[-1], {}), value, source, list(path))
         else:
             self._forget(path)
@@ -75,7 +75,7 @@ class Layers:
     def _merge(self, node: dict, mapping: dict, source: str, path: list[str]):
         for k, v in mapping.items():
             sub = path + [str(k)]
-            if isinstance(v, dict) and k not in ATOMIC_KEYS and isinstance(node.get(k, {}), dict):
+            if isinstance(v, dict) and not is_atomic(sub) and isinstance(node.get(k, {}), dict):
                 self._merge(node.setdefault(k, {}), v, source, sub)
             else:
                 self._forget(sub)

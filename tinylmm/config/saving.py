@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from tinylmm.config.validate import validate
-from tinylmm.schema import ATOMIC_KEYS, RunConfig, from_dict, to_dict
+from tinylmm.schema import RunConfig, from_dict, is_atomic, to_dict
 
 
 def dump_resolved(cfg: RunConfig, sources: dict[str, str], path: Path) -> None:
@@ -25,7 +25,7 @@ def dump_resolved(cfg: RunConfig, sources: dict[str, str], path: Path) -> None:
         for k, v in node.items():
             key = f"{prefix}{k}"
             pad = "  " * indent
-            if isinstance(v, dict) and v and k not in ATOMIC_KEYS:
+            if isinstance(v, dict) and v and not is_atomic(key.split(".")):
                 src = sources.get(key)
                 lines.append(f"{pad}{k}:" + (f"  # {src}" if src else ""))
                 emit(v, indent + 1, key + ".")

@@ -81,6 +81,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
     if cfg.train.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1")
+    bad = cfg.data.max_bad_images
+    if not (0 <= bad < math.inf) or (bad >= 1 and bad != int(bad)):
+        raise ConfigError(
+            f"data.max_bad_images={bad} must be a whole count (>= 1) or a fraction of the stage's samples in [0, 1)"
+        )
 
 
 def _check_data(data, where: str) -> None:

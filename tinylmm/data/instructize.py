@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 import string
@@ -51,6 +50,7 @@ from PIL import Image
 
 from tinylmm.data.templates.core import IMAGE_TOKEN
 from tinylmm.errors import ConfigError, DataError, did_you_mean, unknown
+from tinylmm.files import write_file_atomically
 from tinylmm.resources import asset
 
 TASKS = ("vqa", "mcvqa", "caption", "rec")
@@ -162,9 +162,12 @@ class InstructReport:
     inverted: int = 0
 
     def summary(self) -> str:
+        def n(count: int, word: str) -> str:
+            return f"{count} {word}" + ("" if count == 1 else "s")
+
         return (
-            f"{self.records} records -> {self.conversations} conversations of {self.pairs} QA pairs"
-            f" ({len(self.duplicates)} duplicate pairs dropped, {self.inverted} conversations inverted)"
+            f"{n(self.records, 'record')} -> {n(self.conversations, 'conversation')} of {n(self.pairs, 'QA pair')}"
+            f" ({n(len(self.duplicates), 'duplicate pair')} dropped, {self.inverted} inverted)"
         )
 
 
@@ -499,10 +502,5 @@ def instructize_file(src, out, options, *, images=None):
 
     samples, report = instructize(read_records(src), options, source=str(src), image_sizes=image_sizes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)  # a failed write leaves an earlier `out` as it was
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file_atomically(out, json.dumps(samples, indent=1, ensure_ascii=False) + "\n")  # an earlier `out` stays whole
     return out, report

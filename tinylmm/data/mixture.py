@@ -142,6 +142,10 @@ class MixtureDataset(Dataset):
         d, j = self.index[i]
         return self.datasets[d][j]
 
+    def sample_id(self, i: int) -> str:
+        d, j = self.index[i]
+        return f"{self.parts[d].name}:{self.datasets[d].sample_id(j)}"
+
     def num_supervised(self, i: int) -> int:
         d, j = self.index[i]
         return self.datasets[d].num_supervised(j)

@@ -105,6 +105,15 @@ def build_model(
     return model, processor
 
 
+def build_processor(spec: ModelSpec) -> Processor:
+    """A preset's processor (its tokenizer, image processor, template and visual tokens per
+    image) without its weights: the model is assembled on `meta` to count the tokens."""
+    tokenizer = build_tokenizer(spec.llm)
+    ensure_image_token(tokenizer)
+    model = assemble(spec, device="meta", tokenizer=tokenizer)
+    return Processor(tokenizer, image_processor_for(spec.vision, model.vision), spec.template, model.num_image_tokens)
+
+
 def load(
     path: str | Path, *, attn_implementation: str = "sdpa", dtype=None, device=None, load_4bit: bool = False
 ) -> tuple[TinyLMM, Processor]:

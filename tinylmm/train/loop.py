@@ -39,6 +39,7 @@ from tinylmm.models.loading import quiet_libraries
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train import engines, process_rng, trainer_state
+from tinylmm.train.bad_images import BadImages, SkipLog, SlotSampler, allowed
 from tinylmm.train.interrupts import StopRequests
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
@@ -72,6 +73,8 @@ def default_run_dir(cfg: RunConfig) -> Path:
 def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, report):
     stage = cfg.stages[name]
     template = processor.get_template(stage.template or cfg.model.template)  # checked against the tokenizer
+    checks = dict(verify_images=cfg.data.verify_images, allow_outside_paths=cfg.data.allow_outside_paths)
+    workers = max(1, (os.cpu_count() or 1) // accel.num_processes)  # every process checks: share the CPUs
     if stage.data.shapes is not None:
         s = cfg.shapes
         with accel.main_process_first():
@@ -84,7 +87,8 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, repo
                 n_pope=s.n_pope,
                 image_size=s.image_size or processor.image_processor.size,
             )
-        return LlavaDataset(paths[stage.data.shapes], paths["images"], processor, template, stage.max_len)
+        source, images = paths[stage.data.shapes], paths["images"]
+        return LlavaDataset(source, images, processor, template, stage.max_len, **checks, workers=workers)
 
     def read(json_path, images, instructize, tag):
         if instructize is not None:  # converted once per run, beside the shapes data
@@ -95,7 +99,7 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, repo
                     _, done = instructize_file(json_path, converted, InstructOptions.from_dict(instructize, tag))
                     report.note(f"{json_path}: instructized, {done.summary()}: {converted}")
             json_path = converted
-        return LlavaDataset(json_path, images, processor, template, stage.max_len)
+        return LlavaDataset(json_path, images, processor, template, stage.max_len, **checks, workers=workers)
 
     data = stage.data
     if data.datasets is None:
@@ -191,6 +195,7 @@ def train(
             report.note(loaded[key].report.summary())
         data[name] = loaded[key]
     result = RunResult(run_dir, run_dir / "final", [d.report for d in loaded.values()], is_main=accel.is_main_process)
+    SkipLog(run_dir, accel.is_main_process, fresh=resume_dir is None).start(result.skip_reports)
     with StopRequests(announce=accel.is_main_process) as stop:
         _train_stages(accel, model, processor, cfg, stages, data, run_dir, resume_dir, attn, half, report, result, stop)
     if stop.signum:  # a signal during the last stage: its final/ is written; no evaluation
@@ -333,10 +338,14 @@ def _train_stage(
     wrapped.train()
 
     seed = cfg.train.seed * 1000 + index
+    limit = allowed(cfg.data.max_bad_images, len(dataset))
+    bad = BadImages(accel, SkipLog(stage_dir.parent, accel.is_main_process), name, dataset, seed, limit, start_step)
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=StageSampler(steps, seed, accel.process_index, start_step),
-        collate_fn=dataset.collate,
+        bad.replacing,  # a sample whose image fails is replaced (tinylmm.train.bad_images)
+        batch_sampler=SlotSampler(
+            StageSampler(steps, seed, accel.process_index, start_step), steps, accel.process_index, start_step
+        ),
+        collate_fn=bad.replacing.collate,
         num_workers=cfg.train.num_workers,
     )
     trainable = [p for g in groups for p in g["params"]]
@@ -354,7 +363,9 @@ def _train_stage(
         loss_sum = torch.zeros((), device=accel.device)
         tokens = 0
         for micro in range(steps.accumulation):
-            batch = {k: v.to(accel.device) for k, v in next(batches).items()}
+            batch, failures = next(batches)
+            bad.note(failures)
+            batch = {k: v.to(accel.device) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             sync = micro == steps.accumulation - 1
             with contextlib.nullcontext() if sync else accel.no_sync(wrapped):
@@ -363,6 +374,7 @@ def _train_stage(
                 accel.backward(micro_loss * accel.num_processes / global_tokens)
             loss_sum += micro_loss.detach().float()
             del micro_loss
+        global_tokens = bad.settle(global_tokens, trainable)  # the replacements' tokens, if any
         grad_norm = float(accel.clip_grad_norm_(trainable, stage.max_grad_norm))
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         loss = (accel.reduce(loss_sum, reduction="sum") / global_tokens).item()
@@ -391,8 +403,11 @@ def _train_stage(
                 f"stages.{name}.lr (now {stage.lr:g}) and train again"
             )
         stopping = stop.requested(accel)  # SIGINT/SIGTERM: a checkpoint here, then stop
-        if done < steps.total_steps and (stopping or (stage.save_every and done % stage.save_every == 0)):
+        due = stopping or (stage.save_every and done % stage.save_every == 0)
+        if bad.over or (done < steps.total_steps and due):
             _save_step(accel, model, processor, optimizer, scheduler, stage_dir, done)
+        if bad.over:  # more images failed than data.max_bad_images: stop with the checkpoint just written
+            raise bad.stop_error(ckpt.step_dir(stage_dir, done), stage_dir.parent, cfg.data.max_bad_images)
         if stopping and done < steps.total_steps:
             raise RunInterrupted(
                 f"{stop.name}: stopped at stage '{name}' step {done}/{steps.total_steps}, checkpoint "
