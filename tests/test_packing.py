@@ -214,7 +214,7 @@ def test_the_config_keys_are_checked():
 
 
 @pytest.mark.slow
-def test_a_packed_grouped_run_gives_the_unpacked_losses_and_logs_useful_tokens(tmp_path):
+def test_a_packed_run_gives_the_unpacked_losses_and_logs_useful_tokens(tmp_path):
     overrides = TINY + tiny_stages() + ["train.packing=true", "train.precision=fp32"]
     cfg, sources = resolve("toy", "share", overrides, output_dir=str(tmp_path / "run"))
     console = Console(file=io.StringIO(), width=200)

@@ -64,3 +64,14 @@ def token_counts(batch: dict) -> tuple[int, int]:
     positions = batch["input_ids"].numel()
     mask = batch.get("attention_mask")
     return (int(mask.sum()) if mask is not None else positions), positions
+
+
+def packing_note(attn_implementation: str) -> str:
+    """What packing costs under the attention the LLM runs, for the run's log."""
+    note = "packing: each micro-batch in one row, attention confined to each sample"
+    if attn_implementation == "flash_attention_2":
+        return note + " (flash-attention-2 varlen from the position ids)"
+    return note + (
+        f" ({attn_implementation}: a dense block-diagonal mask, so attention computes the whole row's square; "
+        "only flash_attention_2 (GPU) skips the other samples: bench/README.md 'Packing')"
+    )

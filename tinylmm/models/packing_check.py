@@ -17,8 +17,9 @@ from tinylmm.errors import ConfigError
 
 @torch.no_grad()
 def packing_leak(llm, first: int = 5, second: int = 6, seed: int = 0) -> float:
-    """Relative max difference between the second segment's last hidden states packed
-    after a first segment and alone (0 where attention is confined, up to rounding)."""
+    """Mean absolute difference between the second segment's last hidden states packed
+    after a first segment and alone, relative to their mean magnitude: 0 where attention is
+    confined, up to rounding (below 1e-2 in bf16); a leak moves them by a large fraction."""
     decoder = llm.get_decoder()
     weight = llm.get_input_embeddings().weight
     g = torch.Generator().manual_seed(seed)
@@ -35,10 +36,10 @@ def packing_leak(llm, first: int = 5, second: int = 6, seed: int = 0) -> float:
     finally:
         llm.train(was_training)
     packed, alone = packed.float(), alone.float()
-    return float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-12))
+    return float((packed - alone).abs().mean() / alone.abs().mean().clamp_min(1e-12))
 
 
-def check_packing(llm, where: str = "train.packing", tolerance: float = 0.02) -> None:
+def check_packing(llm, where: str = "train.packing", tolerance: float = 0.05) -> None:
     """ConfigError naming the LLM when a packed sample would attend to the previous one."""
     leak = packing_leak(llm)
     if not leak <= tolerance:

@@ -26,7 +26,7 @@ import torch
 from tinylmm import trainability
 from tinylmm.config import dump_resolved, load_resolved
 from tinylmm.data.llava import LlavaDataset, SkipReport
-from tinylmm.data.packing import collate_packed_items, token_counts
+from tinylmm.data.packing import collate_packed_items, packing_note, token_counts
 from tinylmm.data.shapes import write_shapes_dataset
 from tinylmm.errors import ConfigError, DivergenceError, RunInterrupted
 from tinylmm.eval import BENCHMARKS
@@ -311,7 +311,7 @@ def _train_stage(
     grouping = ModalityLengthGrouping(dataset.modality_lengths()) if cfg.train.group_by_modality_length else None
     if cfg.train.packing:  # the stage's LLM as prepared (adapters, 4-bit base) must confine attention
         check_packing(model.llm)
-        report.note(f"stage {name}: packing: each micro-batch in one row, attention confined to each sample")
+        report.note(f"stage {name}: {packing_note(model.llm.config._attn_implementation)}")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=StageSampler(steps, seed, accel.process_index, start_step, grouping),
