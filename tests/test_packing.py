@@ -135,6 +135,15 @@ def test_a_packed_sample_cannot_see_the_previous_one(tiny, monkeypatch):
         check_packing(model.llm)
 
 
+def test_eager_attention_is_confined_too(monkeypatch):
+    cfg, _ = resolve("toy", "share", TINY)
+    model, _ = build_model(cfg.model, attn_implementation="eager")
+    assert model.llm.config._attn_implementation == "eager"
+    assert packing_leak(model.llm) < 1e-5
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert packing_leak(model.llm) > 0.1
+
+
 def _lengths(n_image=37, n_text=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     image = (torch.randint(60, 2000, (n_image,), generator=g)).tolist()
