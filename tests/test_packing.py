@@ -2,6 +2,7 @@
 
 import io
 import json
+import signal
 
 import pytest
 import torch
@@ -250,3 +251,23 @@ def test_grouping_in_the_loop_lowers_the_logged_padding(tmp_path):
         assert all(r["useful"] == round(r["tokens"] / r["positions"], 4) for r in records)
         useful[grouped] = sum(r["tokens"] for r in records) / sum(r["positions"] for r in records)
     assert useful[False] < useful[True] < 1.0, useful
+
+
+@pytest.mark.slow
+def test_a_packed_grouped_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
+    from test_interrupts import _signal_at, losses_of
+
+    from tinylmm.errors import RunInterrupted
+
+    # 8 instruct samples in steps of 4 (2 micro-batches): the finetune stage crosses epochs
+    overrides = TINY + tiny_stages(("pretrain", "finetune"), steps=4, batch=4, micro=2)
+    overrides += ["shapes.n_instruct=8", "train.packing=true", "train.group_by_modality_length=true"]
+    cfg, sources = resolve("toy", "base", overrides, output_dir=str(tmp_path / "ref"))
+    train(cfg, sources, evaluate=False, console=Console(file=io.StringIO()))
+    cfg, sources = resolve("toy", "base", overrides, output_dir=str(tmp_path / "run"))
+    _signal_at(monkeypatch, "finetune", 3, signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match="stopped at stage 'finetune' step 3/4"):
+        train(cfg, sources, evaluate=False, console=Console(file=io.StringIO()))
+    monkeypatch.undo()
+    train(resume_dir=tmp_path / "run", evaluate=False, console=Console(file=io.StringIO()))
+    assert losses_of(tmp_path / "run") == losses_of(tmp_path / "ref")

@@ -1,9 +1,11 @@
 """Whether an LLM confines attention to each sample of a packed row (tinylmm.data.packing).
 
 transformers builds the block-diagonal mask from position ids only where a model passes
-its position ids to `masking_utils.create_causal_mask` (LLaMA, Qwen2/3, Gemma-2 ... in 5.x)
-and the attention kernel honours the mask; a model that does not would let every sample
-see the ones before it, silently. So before a packed stage trains, two short segments of
+its position ids to `masking_utils.create_causal_mask` and the attention kernel honours the
+mask; a model that does not would let every sample see the ones before it, silently. On
+transformers 5.24 this probe found tiny random LLaMA, Qwen2, Qwen3, Phi, Phi-3 and
+Gemma-3 (sdpa and eager) and Gemma-2 (eager; it has no sdpa) confined (leak 0.0; the toy's LLaMA
+leaks 0.8-1.2 with the packed-sequence detection switched off). So before a packed stage trains, two short segments of
 random embeddings go through the decoder packed and the second one alone: its hidden
 states must agree (the GPU-only speed-ups degrade loudly; a wrong mask must not pass).
 """

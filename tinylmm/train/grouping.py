@@ -6,9 +6,9 @@ LLaVA's rule, followed here: samples with images and text-only samples are never
 one global batch. Each modality is shuffled and cut into megabatches of one global batch
 (per-device batch x processes x accumulation steps, the size LLaVA's trainer gives its
 sampler); the megabatches are shuffled; the incomplete last megabatch of each modality is
-joined into one mixed batch that goes last (here it mostly falls in the incomplete batch
-that an epoch drops). The lengths are the samples' token counts, visual tokens included
-(LLaVA counts words).
+joined into one mixed batch that goes last (here it fills at most one step of an epoch; the
+rest falls in the incomplete batch that an epoch drops). The lengths are the samples' token
+counts, visual tokens included (LLaVA counts words).
 
 Where tinylmm differs: inside a megabatch LLaVA spreads the lengths evenly over the
 devices' batches (`split_to_even_chunks`: equal work per device, a mix of lengths in every
