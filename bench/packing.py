@@ -11,11 +11,12 @@ in one row (`collate_packed`). useful = real tokens / positions computed (paddin
 included), summed over the epoch, counted by `tinylmm.data.packing.token_counts` on the
 collated tensors.
 
-The attention columns are arithmetic, not timings: the scores an attention kernel computes
-relative to the causal scores the samples need (sum of L^2 / 2). Padded rows under sdpa's
-causal kernel: rows x Lmax^2 / 2. A packed row under sdpa or eager: the block-diagonal mask
-is a dense mask, and the kernel computes the whole (sum of L)^2 square. flash-attention-2
-varlen (GPU) computes only each sample's causal triangle: 1.0.
+The attention columns are arithmetic, not timings: the scores an sdpa or eager kernel
+computes relative to the causal scores the samples need (sum of L^2 / 2). transformers 5.24
+(`masking_utils._ignore_causal_mask_sdpa`) lets sdpa run its causal kernel (rows x Lmax^2 / 2)
+only when no position is padding; otherwise, and always for a packed row (a block-diagonal
+mask), the mask is dense and the whole square is computed: rows x Lmax^2, or (sum of L)^2.
+flash-attention-2 (GPU) computes only each sample's causal triangle: 1.0.
 
 The toy data is the toy preset's shapes world at its own stage settings (micro-batches of
 16 and 8, max_len 256, 16 visual tokens). The LLaVA-665K-like lengths are synthetic,
@@ -133,7 +134,10 @@ def measure(encoded: list[Encoded], stage: StageConfig, grouped: bool, packed: b
             sizes = [len(e.input_ids) for e in items]
             needed += sum(n * n for n in sizes) / 2
             rows, width = batch["input_ids"].shape
-            computed += width * width if packed else rows * width * width / 2
+            # a mask (packing, or any padding) is dense: every score of the square is computed;
+            # with neither, transformers lets sdpa run its causal kernel (the triangle)
+            dense = packed or u < p
+            computed += rows * width * width / (1 if dense else 2)
     return {"useful": useful / positions, "attention": computed / needed}
 
 
@@ -153,7 +157,7 @@ def main() -> None:
         stage = StageConfig(batch_size=128, micro_batch_size=micro, max_len=2048)
         sets[f"LLaVA-665K-like ({args.samples} samples), batch 128, micro-batch {micro}"] = (synthetic, stage)
     print("| data | micro-batch | order | useful, padded | useful, packed | attention computed / needed: "
-          "padded (sdpa causal) | packed (sdpa/eager mask) |")  # fmt: skip
+          "padded | packed (sdpa/eager) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for name, (encoded, stage) in sets.items():
         for grouped in (False, True):
