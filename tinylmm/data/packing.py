@@ -2,8 +2,8 @@
 
 `train.packing: true` (off by default, so that the default run and its measured results
 stay as they are). Off, `collate` right-pads the samples into rows of the longest one.
-On, `collate_packed` lays them end to end in a single row, as transformers'
-`DataCollatorWithFlattening` does ("concatenates the entire mini batch into single long
+On, `collate_packed` lays them end to end in a single row with transformers'
+`DataCollatorWithFlattening` ("concatenates the entire mini batch into single long
 sequence ... no padding will be added, returns input_ids, labels and position_ids"):
 
 - `position_ids` restart at 0 at each sample, and no `attention_mask` is passed. That is
@@ -31,23 +31,17 @@ packed stage trains.
 from __future__ import annotations
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 from tinylmm.data.processor import Encoded
 from tinylmm.data.templates import IGNORE_INDEX
 
 
 def collate_packed(encoded: list[Encoded], pixel_values: list[torch.Tensor]) -> dict:
-    """One row [1, sum of lengths]: input_ids, labels, position_ids (restarting per sample)."""
-    ids, labels, positions = [], [], []
-    for e in encoded:
-        ids += e.input_ids
-        labels += [IGNORE_INDEX] + list(e.labels[1:])
-        positions += range(len(e.input_ids))
-    batch = {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-    }
+    """One row [1, sum of lengths]: input_ids, labels, position_ids (restarting per sample),
+    by transformers' own DataCollatorWithFlattening; the images as they come."""
+    flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    batch = dict(flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded], return_tensors="pt"))
     if pixel_values:
         batch["pixel_values"] = torch.stack(pixel_values)
     return batch
