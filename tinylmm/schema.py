@@ -227,6 +227,12 @@ class TrainConfig:
     # steps in a row with a non-finite loss or gradient norm (each makes no update) before
     # the run stops with an error, without writing the stage's final/
     max_bad_steps: int = 3
+    # each micro-batch's samples end to end in one row, attention confined to each sample
+    # (tinylmm.data.packing); off by default: the default run's measured results stay as they are
+    packing: bool = False
+    # LLaVA's group_by_modality_length: image and text-only samples in separate steps, each
+    # step's micro-batches bands of similar length (tinylmm.train.grouping)
+    group_by_modality_length: bool = False
 
 
 @dataclass

@@ -98,6 +98,11 @@ class LlavaDataset(Dataset):
         labels = self.samples[index][1].labels
         return sum(1 for x in labels[1:] if x != -100)
 
+    def modality_lengths(self) -> list[int]:
+        """Token counts, visual tokens included: positive with images, negative text-only
+        (the signed lengths of LLaVA's `modality_lengths`, for length grouping)."""
+        return [len(enc.input_ids) * (1 if enc.num_images else -1) for _, enc, _ in self.samples]
+
     def __getitem__(self, index: int):
         sid, enc, images = self.samples[index]
         pixels = []

@@ -150,6 +150,11 @@ class MixtureDataset(Dataset):
         d, j = self.index[i]
         return self.datasets[d].num_supervised(j)
 
+    def modality_lengths(self) -> list[int]:
+        """Each item's signed length (positive with images), as its dataset gives it (length grouping)."""
+        lengths = [d.modality_lengths() for d in self.datasets]
+        return [lengths[d][j] for d, j in self.index]
+
     def collate(self, items) -> dict:
         return self.datasets[0].collate(items)
 

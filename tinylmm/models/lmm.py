@@ -87,17 +87,17 @@ class TinyLMM(nn.Module):
         # Row-major order: the k-th image of the batch fills the k-th run of <image> positions.
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None) -> LMMOutput:
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None) -> LMMOutput:
         """Without labels: logits at every position. With labels: the loss only. The head
         runs on the supervised positions alone, `loss_chunk` of them at a time
         (tinylmm.models.head_loss): with a 100k vocabulary the logits would be the largest
-        tensors of a step."""
+        tensors of a step. A packed row (tinylmm.data.packing) has `position_ids` restarting
+        per sample and no attention_mask: transformers confines attention to each sample."""
         embeds = self.embed(input_ids, pixel_values)
+        kw = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if labels is None:
-            return LMMOutput(self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits)
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+            return LMMOutput(self.llm(**kw).logits)
+        hidden = self.llm.get_decoder()(**kw).last_hidden_state
         targets = labels[:, 1:]  # the hidden state at position t predicts token t + 1
         supervised = targets != IGNORE_INDEX
         loss_sum = head_loss_sum(

@@ -80,8 +80,9 @@ class SlotSampler(Sampler):
 class Replacing(Dataset):
     """`dataset[slot]`, with a sample whose image fails replaced: -> (item, failures)."""
 
-    def __init__(self, dataset, seed: int):
+    def __init__(self, dataset, seed: int, collate=None):
         self.dataset, self.seed = dataset, seed
+        self.collate_items = collate  # the batch's items -> model inputs (packed; None: the dataset's padding)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -108,7 +109,8 @@ class Replacing(Dataset):
         )
 
     def collate(self, items):
-        return self.dataset.collate([item for item, _ in items]), [f for _, fs in items for f in fs]
+        collate = self.collate_items or self.dataset.collate
+        return collate([item for item, _ in items]), [f for _, fs in items for f in fs]
 
 
 class SkipLog:
@@ -159,9 +161,11 @@ class BadImages:
     """One stage's failed images: the sampler and dataset wrappers, the per-step settlement,
     the limit."""
 
-    def __init__(self, accel, log: SkipLog, stage: str, dataset, seed: int, limit: float, start_step: int):
+    def __init__(
+        self, accel, log: SkipLog, stage: str, dataset, seed: int, limit: float, start_step: int, collate=None
+    ):
         self.accel, self.log, self.stage, self.dataset = accel, log, stage, dataset
-        self.replacing = Replacing(dataset, seed)
+        self.replacing = Replacing(dataset, seed, collate)
         self.limit = limit
         self.ids = log.resume(stage, start_step)  # distinct ids failed so far in this stage
         self.images = {r["id"]: r["image"] for r in log.records if r.get("stage") == stage}  # for the error

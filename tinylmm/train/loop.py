@@ -29,6 +29,7 @@ from tinylmm.config import dump_resolved, load_resolved
 from tinylmm.data.instructize import InstructOptions, instructize_file
 from tinylmm.data.llava import LlavaDataset, SkipReport
 from tinylmm.data.mixture import MixtureDataset, Part
+from tinylmm.data.packing import collate_packed_items, packing_note, token_counts
 from tinylmm.data.shapes import write_shapes_dataset
 from tinylmm.errors import ConfigError, DivergenceError, RunInterrupted
 from tinylmm.eval import BENCHMARKS
@@ -36,10 +37,12 @@ from tinylmm.memory import fmt_bytes, plan_run
 from tinylmm.models.assemble import build_model
 from tinylmm.models.checkpoint import restore_parts
 from tinylmm.models.loading import quiet_libraries
+from tinylmm.models.packing_check import check_packing
 from tinylmm.schema import RunConfig
 from tinylmm.train import checkpoint as ckpt
 from tinylmm.train import engines, process_rng, trainer_state
 from tinylmm.train.bad_images import BadImages, SkipLog, SlotSampler, allowed
+from tinylmm.train.grouping import ModalityLengthGrouping
 from tinylmm.train.interrupts import StopRequests
 from tinylmm.train.optim import build_optimizer
 from tinylmm.train.progress import Reporter
@@ -338,13 +341,18 @@ def _train_stage(
     wrapped.train()
 
     seed = cfg.train.seed * 1000 + index
+    grouping = ModalityLengthGrouping(dataset.modality_lengths()) if cfg.train.group_by_modality_length else None
+    if cfg.train.packing:  # the stage's LLM as prepared (adapters, 4-bit base) must confine attention
+        check_packing(model.llm)
+        report.note(f"stage {name}: {packing_note(model.llm.config._attn_implementation)}")
+    collate = collate_packed_items if cfg.train.packing else dataset.collate
     limit = allowed(cfg.data.max_bad_images, len(dataset))
-    bad = BadImages(accel, SkipLog(stage_dir.parent, accel.is_main_process), name, dataset, seed, limit, start_step)
+    log = SkipLog(stage_dir.parent, accel.is_main_process)
+    bad = BadImages(accel, log, name, dataset, seed, limit, start_step, collate)
+    rank = accel.process_index
     loader = torch.utils.data.DataLoader(
         bad.replacing,  # a sample whose image fails is replaced (tinylmm.train.bad_images)
-        batch_sampler=SlotSampler(
-            StageSampler(steps, seed, accel.process_index, start_step), steps, accel.process_index, start_step
-        ),
+        batch_sampler=SlotSampler(StageSampler(steps, seed, rank, start_step, grouping), steps, rank, start_step),
         collate_fn=bad.replacing.collate,
         num_workers=cfg.train.num_workers,
     )
@@ -359,14 +367,14 @@ def _train_stage(
         t0 = time.perf_counter()
         # Every process knows the whole step's samples, so the loss is the mean over all
         # supervised tokens of the global batch, whatever the accumulation or world size.
-        global_tokens = sum(dataset.num_supervised(i) for i in step_indices(steps, step, seed))
+        global_tokens = sum(dataset.num_supervised(i) for i in step_indices(steps, step, seed, grouping))
         loss_sum = torch.zeros((), device=accel.device)
-        tokens = 0
+        counts = torch.zeros(2, dtype=torch.long)  # useful tokens, positions (padding included)
         for micro in range(steps.accumulation):
             batch, failures = next(batches)
             bad.note(failures)
             batch = {k: v.to(accel.device) for k, v in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
+            counts += torch.tensor(token_counts(batch))
             sync = micro == steps.accumulation - 1
             with contextlib.nullcontext() if sync else accel.no_sync(wrapped):
                 micro_loss = wrapped(**batch).loss_sum  # the logits are not kept past this line
@@ -392,9 +400,9 @@ def _train_stage(
             )
         scheduler.step()  # the schedule follows the data position, updated or not
         optimizer.zero_grad(set_to_none=True)
-        tokens = int(accel.reduce(torch.tensor(tokens, device=accel.device), reduction="sum"))
+        tokens, positions = accel.reduce(counts.to(accel.device), reduction="sum").tolist()
         losses.append(loss)
-        report.step(name, index, done, loss, lr, grad_norm, tokens, time.perf_counter() - t0)
+        report.step(name, index, done, loss, lr, grad_norm, tokens, time.perf_counter() - t0, positions)
         if bad_in_a_row >= cfg.train.max_bad_steps:
             raise DivergenceError(
                 f"stages.{name}: {bad_in_a_row} steps in a row to step {done} had a non-finite loss or "

@@ -24,6 +24,8 @@ class Reporter:
         self.task = None
         self.t_stage = 0.0
         self.tokens = 0
+        self.positions = 0  # positions computed, padding included (useful: self.tokens)
+        self.stage = ""
 
     def note(self, text: str) -> None:
         if self.is_main:
@@ -45,7 +47,7 @@ class Reporter:
         self.metrics_path.write_text("".join(k + "\n" for k in keep))
 
     def start_stage(self, name: str, total: int, start: int) -> None:
-        self.t_stage, self.tokens = time.perf_counter(), 0
+        self.t_stage, self.tokens, self.positions, self.stage = time.perf_counter(), 0, 0, name
         if not self.is_main:
             return
         self.progress = Progress(
@@ -62,8 +64,10 @@ class Reporter:
         self.progress.start()
         self.task = self.progress.add_task(name, total=total, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
 
-    def step(self, stage, stage_index, step, loss, lr, grad_norm, tokens, seconds) -> None:
+    def step(self, stage, stage_index, step, loss, lr, grad_norm, tokens, seconds, positions=None) -> None:
+        """`tokens`: the step's real tokens; `positions`: all it computed, padding included."""
         self.tokens += tokens
+        self.positions += tokens if positions is None else positions
         if not self.is_main:
             return
         elapsed = time.perf_counter() - self.t_stage
@@ -76,6 +80,7 @@ class Reporter:
             "lr": lr,
             "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
             "tokens": tokens,
+            **({} if positions is None else {"positions": positions, "useful": round(tokens / max(positions, 1), 4)}),
             "tokens_per_s": round(tps, 1),
             "step_time": round(seconds, 4),
         }
@@ -87,6 +92,12 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+            if self.positions:
+                pad = self.positions - self.tokens
+                self.note(
+                    f"stage {self.stage}: {self.tokens:,} useful tokens of {self.positions:,} positions "
+                    f"({self.tokens / self.positions:.1%} useful, {pad:,} padding)"
+                )
 
     def eval_table(self, result: dict) -> None:
         if not self.is_main:

@@ -68,11 +68,15 @@ def stage_steps(stage: StageConfig, num_samples: int, world_size: int, where: st
     return StageSteps(num_samples, stage.batch_size, stage.micro_batch_size, world_size, steps_per_epoch, total, warmup)
 
 
-def step_indices(steps: StageSteps, step: int, seed: int) -> list[int]:
-    """The samples of optimizer step `step` (all processes): a fresh permutation per epoch."""
+def step_indices(steps: StageSteps, step: int, seed: int, grouping=None) -> list[int]:
+    """The samples of optimizer step `step` (all processes): a fresh permutation per epoch,
+    or `grouping`'s order (tinylmm.train.grouping: by modality and length)."""
     epoch, pos = divmod(step, steps.steps_per_epoch)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(steps.num_samples, generator=g)
+    if grouping is None:
+        perm = torch.randperm(steps.num_samples, generator=g)
+    else:
+        perm = grouping.epoch_order(g, steps.global_batch, (seed, epoch))
     return perm[pos * steps.global_batch : (pos + 1) * steps.global_batch].tolist()
 
 
@@ -90,12 +94,14 @@ class StageSampler(Sampler):
     """Yields this process's micro-batches from `start_step` on (so a resumed run sees the
     same data in the same order), for a DataLoader's `batch_sampler`."""
 
-    def __init__(self, steps: StageSteps, seed: int, rank: int, start_step: int = 0):
+    def __init__(self, steps: StageSteps, seed: int, rank: int, start_step: int = 0, grouping=None):
         self.steps, self.seed, self.rank, self.start_step = steps, seed, rank, start_step
+        self.grouping = grouping
 
     def __iter__(self):
         for step in range(self.start_step, self.steps.total_steps):
-            yield from micro_batches(self.steps, step_indices(self.steps, step, self.seed), self.rank)
+            indices = step_indices(self.steps, step, self.seed, self.grouping)
+            yield from micro_batches(self.steps, indices, self.rank)
 
     def __len__(self) -> int:
         return (self.steps.total_steps - self.start_step) * self.steps.accumulation
