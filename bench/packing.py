@@ -81,7 +81,8 @@ def toy_lengths(tmp: Path) -> dict[str, tuple[list[Encoded], StageConfig]]:
             continue
         template = proc.get_template(stage.template or cfg.model.template)
         data = LlavaDataset(paths[stage.data.shapes], paths["images"], proc, template, stage.max_len)
-        out[f"toy {name} ({stage.data.shapes}, {len(data)} samples)"] = ([e for _, e, _ in data.samples], stage)
+        encoded = [data.encoded(i) for i in range(len(data))]
+        out[f"toy {name} ({stage.data.shapes}, {len(data)} samples)"] = (encoded, stage)
     return out
 
 

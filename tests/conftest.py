@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would otherwise hang ~30 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TINYLMM_CACHE" not in os.environ:  # the tokenized-dataset cache: one per test session, never ~/.cache
+    import tempfile
+
+    os.environ["TINYLMM_CACHE"] = tempfile.mkdtemp(prefix="tinylmm-test-cache-")
 
 import pytest  # noqa: E402
 

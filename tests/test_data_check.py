@@ -158,13 +158,13 @@ def test_outside_paths_are_refused_unless_allowed_and_symlinks_inside_are_follow
     path = tmp_path / "d.json"
     path.write_text(json.dumps(samples))
     ds = LlavaDataset(path, img, proc, proc.get_template("llama"), 256)
-    assert [s[0] for s in ds.samples] == ["inside", "link"]
+    assert [ds.sample_id(i) for i in range(len(ds))] == ["inside", "link"]
     assert [(sid, r.split(":")[0]) for sid, r in ds.report.skipped] == [
         ("up", "outside image folder"),
         ("abs", "outside image folder"),
     ]
     ds = LlavaDataset(path, img, proc, proc.get_template("llama"), 256, allow_outside_paths=True)
-    assert [s[0] for s in ds.samples] == ["up", "abs", "inside", "link"]
+    assert [ds.sample_id(i) for i in range(len(ds))] == ["up", "abs", "inside", "link"]
 
 
 # --------------------------------------------------------------------------- while training

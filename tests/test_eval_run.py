@@ -140,6 +140,13 @@ def test_textvqa_questions_of_one_image_are_told_apart_by_prompt(world, tmp_path
     assert (first.answered, again.answered, again.skipped) == (2, 0, 2)
     scores, _ = score_answers("textvqa", data, answers)
     assert scores["n"] == 2 and scores["missing"]["n"] == 0
+    # without the OCR tokens: the same questions, the "Reference OCR token:" line left out
+    plain = tmp_path / "plain.jsonl"
+    assert answer_benchmark(ckpt, "textvqa_no_ocr", data, answers=plain, max_new_tokens=2).answered == 2
+    prompts = [json.loads(line)["prompt"] for line in plain.read_text().splitlines()]
+    assert prompts == [f"{q}\nAnswer briefly." for q in asked]
+    scores, _ = score_answers("textvqa_no_ocr", data, plain)
+    assert scores["n"] == 2 and scores["missing"]["n"] == 0
 
 
 def test_greedy_batched_generation_equals_one_by_one_on_mixed_prompts(world):

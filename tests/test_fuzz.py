@@ -530,7 +530,7 @@ def test_llava_files_load_or_name_the_file_and_skips_name_the_sample(proc, data_
         assert sid in ids and reason.split(":")[0], (sid, reason)
     count("llava", "skipped", len(ds.report.skipped))
     for i in range(len(ds)):  # images are read here: an undecodable one names its sample
-        sid = ds.samples[i][0]
+        sid = ds.sample_id(i)
         try:
             ds[i]
         except DataError as e:
@@ -572,7 +572,7 @@ def test_file_regressions_are_named_errors_or_skips(proc, data_dir, tmp_path):
     path = data_dir / "regressions.json"
     path.write_text(json.dumps(samples))
     ds = LlavaDataset(path, data_dir, proc, proc.template, 256)
-    assert [s[0] for s in ds.samples] == ["ok"]
+    assert [ds.sample_id(i) for i in range(len(ds))] == ["ok"]
     reasons = dict(ds.report.skipped)
     assert reasons["role"].startswith("bad conversation: turn 0")
     assert reasons["img"].startswith("bad image")

@@ -246,6 +246,10 @@ class DataConfig:
     max_bad_images: float = 0.001
     # accept `image` paths that leave the image folder (`../x.png`, absolute paths)
     allow_outside_paths: bool = False
+    # keep tokenized datasets in $TINYLMM_CACHE (default ~/.cache/tinylmm), reused by later runs,
+    # resumes and every process (tinylmm.data.token_cache); false: tokenize for this run alone
+    cache: bool = True
+    num_proc: int | None = None  # processes that tokenize a dataset on a cache miss (None: the CPUs)
 
 
 @dataclass

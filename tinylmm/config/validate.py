@@ -81,6 +81,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk} must be >= 0 (0: the whole head at once)")
     if cfg.train.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1")
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
+        raise ConfigError(f"data.num_proc={cfg.data.num_proc} must be >= 1 (or null: the CPU count)")
     bad = cfg.data.max_bad_images
     if not (0 <= bad < math.inf) or (bad >= 1 and bad != int(bad)):
         raise ConfigError(

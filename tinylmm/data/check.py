@@ -1,17 +1,19 @@
 """Checking LLaVA-format samples: the one implementation behind `tinylmm data check` and the
 check `tinylmm train` runs at its start (tinylmm.data.llava.LlavaDataset).
 
-Per sample, in this order (the first failure is the sample's reason):
+Per sample, in this order (the first failure is the sample's reason; those above the image
+files depend on the sample alone, and `train` keeps their outcome in the tokenized cache,
+tinylmm.data.token_cache; the files are checked on every run):
 
     bad conversation       not an object, no `conversations` list, a turn without from/value
     bad turn order         turns do not alternate human, gpt, ... (a leading gpt turn is dropped)
     bad image              `image` is not a path or a list of paths
-    outside image folder   an absolute path, or `..` out of the folder (tinylmm.data.images)
-    missing image          the file does not exist
     image count mismatch   `<image>` in the text against the sample's images
     empty answer / template mismatch / no supervised tokens / truncated through an image
                            the template and tokenizer's verdict (Processor.encode), lengths
                            counted with every image's visual tokens, against max_len
+    outside image folder   an absolute path, or `..` out of the folder (tinylmm.data.images)
+    missing image          the file does not exist
     unreadable image       the file does not decode (`verify_images`: data check always, train
                            with `data.verify_images: true`)
 
@@ -114,6 +116,30 @@ def conversation_turns(sample: dict) -> list[tuple[str, str]]:
     return turns
 
 
+def tokenize_sample(
+    sample, processor: Processor, template: Template | ChatTemplate, max_len: int
+) -> tuple[list[str], Encoded]:
+    """The checks that depend on the sample alone (what the tokenized cache keeps): structure,
+    turn order, `<image>` count, the template's verdict and the length -> (image entries, tokens)."""
+    if not isinstance(sample, dict):
+        raise SampleError("bad conversation", "sample is not a JSON object")
+    turns = conversation_turns(sample)
+    entries = image_entries(sample)
+    return entries, processor.encode(turns, template, num_images=len(entries), max_len=max_len)
+
+
+def sample_files(entries: list[str], image_folder: Path, allow_outside: bool = False) -> list[Path]:
+    """The checks of a sample's image files, made on every run: inside the folder, existing."""
+    try:
+        images = [image_path(image_folder, p, allow_outside) for p in entries]
+    except OutsidePath as e:
+        raise SampleError("outside image folder", str(e)) from None
+    for p in images:
+        if not p.is_file():
+            raise SampleError("missing image", str(p))
+    return images
+
+
 def check_sample(
     sample,
     image_folder: Path,
@@ -123,17 +149,8 @@ def check_sample(
     allow_outside: bool = False,
 ) -> tuple[Encoded, list[Path]]:
     """Everything but decoding, for one sample; SampleError (a reason and a detail) if unusable."""
-    if not isinstance(sample, dict):
-        raise SampleError("bad conversation", "sample is not a JSON object")
-    turns = conversation_turns(sample)
-    try:
-        images = [image_path(image_folder, p, allow_outside) for p in image_entries(sample)]
-    except OutsidePath as e:
-        raise SampleError("outside image folder", str(e)) from None
-    for p in images:
-        if not p.is_file():
-            raise SampleError("missing image", str(p))
-    return processor.encode(turns, template, num_images=len(images), max_len=max_len), images
+    entries, enc = tokenize_sample(sample, processor, template, max_len)
+    return enc, sample_files(entries, image_folder, allow_outside)
 
 
 def check_samples(

@@ -18,16 +18,19 @@ between runs, and the caller checks them each time.
 The fingerprint covers what the tokens depend on: the data file's bytes (sha256), the
 tokenizer (its serialised vocabulary and rules, and the added tokens), the template (name and
 definition), max_len, the visual tokens per image, and this file's format version. The cache
-is written under a temporary name and renamed into place when complete (files.write_atomically),
-so a build cut short leaves nothing that looks whole.
+is written under a temporary name of the writing process and renamed into place when
+complete, so a build cut short leaves nothing that looks whole, and two runs building the
+same cache at once do not collide.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +38,9 @@ import numpy as np
 
 from tinylmm.data.processor import Encoded, SampleError
 from tinylmm.data.templates import IGNORE_INDEX
-from tinylmm.files import write_atomically
 
 FORMAT_VERSION = 1
+PARALLEL_FROM = 2000  # samples: below this, forking the workers costs more than it saves
 CACHE_ENV = "TINYLMM_CACHE"
 
 
@@ -90,28 +93,16 @@ class Compact:
 def compact(enc: Encoded, image_token_id: int, num_image_tokens: int) -> Compact:
     """An encoded sample (visual positions expanded) folded back: each run of an image's
     positions becomes one token; spans index the folded ids."""
-    ids, spans, start = [], [], None
-    i, n = 0, len(enc.input_ids)
-    while i < n:
-        tok = enc.input_ids[i]
-        if tok == image_token_id:
-            if start is not None:
-                spans.append((start, len(ids)))
-                start = None
-            ids.append(tok)
-            i += num_image_tokens
-            continue
-        supervised = enc.labels[i] != IGNORE_INDEX
-        if supervised and start is None:
-            start = len(ids)
-        elif not supervised and start is not None:
-            spans.append((start, len(ids)))
-            start = None
-        ids.append(tok)
-        i += 1
-    if start is not None:
-        spans.append((start, len(ids)))
-    return Compact(np.asarray(ids, dtype=np.int64), spans, enc.num_images)
+    ids = np.asarray(enc.input_ids, dtype=np.int64)
+    supervised = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
+    image = ids == image_token_id
+    # keep every text position and the first position of each image (runs of num_image_tokens)
+    keep = ~image
+    keep[np.flatnonzero(image)[::num_image_tokens]] = True
+    ids, supervised = ids[keep], supervised[keep]
+    edges = np.diff(np.concatenate(([0], supervised.astype(np.int8), [0])))
+    spans = list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+    return Compact(ids, spans, enc.num_images)
 
 
 def expand(ids: np.ndarray, spans, num_images: int, image_token_id: int, num_image_tokens: int) -> Encoded:
@@ -139,10 +130,10 @@ def _encode_chunk(args):
     for i in range(start, stop):
         sid, rel, enc_or_error = encode(i)
         if isinstance(enc_or_error, SampleError):
-            skipped.append((sid, f"{enc_or_error.reason}: {enc_or_error.detail}"))
+            skipped.append((i, sid, f"{enc_or_error.reason}: {enc_or_error.detail}"))
         else:
             c = compact(enc_or_error, _WORKER["image_token_id"], _WORKER["num_image_tokens"])
-            out.append((sid, rel, c))
+            out.append((i, sid, rel, c))
     return out, skipped
 
 
@@ -154,7 +145,7 @@ def build(dest: Path, n: int, encode, processor, meta: dict, num_proc: int = 1) 
     chunk = max(1, min(2048, -(-n // (num_proc * 8))))
     jobs = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
     try:
-        if num_proc > 1 and n > chunk:
+        if num_proc > 1 and n >= PARALLEL_FROM:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers tokenize
             with multiprocessing.get_context("fork").Pool(num_proc) as pool:
                 parts = pool.map(_encode_chunk, jobs)
@@ -168,15 +159,17 @@ def build(dest: Path, n: int, encode, processor, meta: dict, num_proc: int = 1) 
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
 
     def write(tmp: Path) -> None:
-        lengths = np.fromiter((len(c.ids) for _, _, c in samples), dtype=np.int64, count=len(samples))
-        nspans = np.fromiter((len(c.spans) for _, _, c in samples), dtype=np.int64, count=len(samples))
-        index = np.zeros((len(samples), 5), dtype=np.int64)  # ids offset, length, spans offset, count, images
+        lengths = np.fromiter((len(c.ids) for *_, c in samples), dtype=np.int64, count=len(samples))
+        nspans = np.fromiter((len(c.spans) for *_, c in samples), dtype=np.int64, count=len(samples))
+        # per sample: ids offset, length, spans offset, count, images, position in the file
+        index = np.zeros((len(samples), 6), dtype=np.int64)
         index[:, 1], index[:, 3] = lengths, nspans
         index[1:, 0], index[1:, 2] = np.cumsum(lengths)[:-1], np.cumsum(nspans)[:-1]
-        index[:, 4] = [c.num_images for _, _, c in samples]
-        ids = np.concatenate([c.ids for _, _, c in samples]) if samples else np.zeros(0)
-        spans = np.asarray([sp for _, _, c in samples for sp in c.spans], dtype=np.int32).reshape(-1, 2)
-        strings = [json.dumps([sid, rel]).encode() for sid, rel, _ in samples]
+        index[:, 4] = [c.num_images for *_, c in samples]
+        index[:, 5] = [pos for pos, *_ in samples]
+        ids = np.concatenate([c.ids for *_, c in samples]) if samples else np.zeros(0)
+        spans = np.asarray([sp for *_, c in samples for sp in c.spans], dtype=np.int32).reshape(-1, 2)
+        strings = [json.dumps([sid, rel]).encode() for _, sid, rel, _ in samples]
         string_index = np.zeros(len(samples) + 1, dtype=np.int64)
         string_index[1:] = np.cumsum([len(s) for s in strings])
         np.save(tmp / "ids.npy", ids.astype(dtype))
@@ -187,7 +180,58 @@ def build(dest: Path, n: int, encode, processor, meta: dict, num_proc: int = 1) 
         record = meta | {"samples": len(samples), "total": n, "ids_dtype": np.dtype(dtype).name, "skipped": skipped}
         (tmp / "meta.json").write_text(json.dumps(record, indent=1) + "\n")
 
-    write_atomically(dest, write)
+    _publish(dest, write)
+
+
+def _publish(dest: Path, write) -> None:
+    """`write(tmp)` into a folder of this process's own, then renamed to `dest`: two runs
+    building the same cache at once never write into one folder, and the second to finish
+    finds the first's (the same content: the fingerprint is the same) and drops its own."""
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        os.rename(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "meta.json").exists():
+            raise
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _PreadArray:
+    """A 1-D .npy file read a slice at a time with pread: the bytes pass through the page
+    cache (shared, evictable) without becoming this process's resident pages, as a memory
+    map's touched pages would over an epoch. pread takes no file position, so the DataLoader's
+    forked workers can share the descriptor."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+        self.path, self.dtype, self.size = path, np.dtype(dtype), shape[0]
+        self._fd = None
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        item = self.dtype.itemsize
+        data = os.pread(self._fd, count * item, self.offset + start * item)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __getstate__(self):  # a spawned worker opens its own descriptor
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"} | {"_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 class TokenizedStore:
@@ -196,7 +240,7 @@ class TokenizedStore:
     def __init__(self, path: Path, processor):
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
-        self.ids = np.load(self.path / "ids.npy", mmap_mode="r")
+        self.ids = _PreadArray(self.path / "ids.npy")
         self.spans = np.load(self.path / "spans.npy", mmap_mode="r")
         self.index = np.load(self.path / "index.npy", mmap_mode="r")
         self.string_index = np.load(self.path / "string_index.npy", mmap_mode="r")
@@ -207,8 +251,13 @@ class TokenizedStore:
         return len(self.index)
 
     @property
-    def skipped(self) -> list[tuple[str, str]]:
+    def skipped(self) -> list[tuple[int, str, str]]:
+        """The samples the build found unusable: (position in the file, id, "reason: detail")."""
         return [tuple(s) for s in self.meta["skipped"]]
+
+    def position(self, i: int) -> int:
+        """Sample i's place in the data file."""
+        return int(self.index[i, 5])
 
     def names(self, i: int) -> tuple[str, list[str]]:
         """Sample i's id and its image paths (relative to the image folder)."""
@@ -217,13 +266,21 @@ class TokenizedStore:
         return sid, rel
 
     def encoded(self, i: int) -> Encoded:
-        off, n, soff, ns, images = (int(v) for v in self.index[i])
+        off, n, soff, ns, images, _ = (int(v) for v in self.index[i])
         spans = self.spans[soff : soff + ns].tolist()
-        return expand(np.asarray(self.ids[off : off + n]), spans, images, self.image_token_id, self.num_image_tokens)
+        return expand(self.ids.read(off, n), spans, images, self.image_token_id, self.num_image_tokens)
+
+    def length(self, i: int) -> int:
+        """Sample i's token count with its visual positions expanded."""
+        n, images = int(self.index[i, 1]), int(self.index[i, 4])
+        return n + images * (self.num_image_tokens - 1)
+
+    def num_images(self, i: int) -> int:
+        return int(self.index[i, 4])
 
     def num_supervised(self, i: int) -> int:
         """Supervised tokens after the causal shift (a label at position 0 is never a target)."""
-        _, _, soff, ns, images = (int(v) for v in self.index[i])
+        _, _, soff, ns, _, _ = (int(v) for v in self.index[i])
         spans = self.spans[soff : soff + ns]
         total = int((spans[:, 1] - spans[:, 0]).sum()) if ns else 0
         return total - int(ns > 0 and spans[0, 0] == 0)

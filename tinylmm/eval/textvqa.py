@@ -21,11 +21,14 @@ under `missing`.
 Layout (LLaVA's docs/Evaluation.md), in textvqa/:
     TextVQA_0.5.1_val.json   TextVQA's annotations: {"data": [{"image_id", "question", "answers"}]}
     llava_textvqa_val_v051_ocr.jsonl   LLaVA's questions (with OCR tokens), answered by `eval run`
+                             (`--bench textvqa_no_ocr`: the same questions with the
+                             "Reference OCR token:" line left out, the prompt without OCR)
     train_images/            the images (textvqa.sh's --image-folder)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -101,3 +104,21 @@ class TextVQABenchmark:
     @staticmethod
     def questions(data: Path):
         return read_question_jsonl(data, QUESTIONS, "LLaVA's TextVQA question file (OCR-token prompts)")
+
+
+OCR_LINE = "Reference OCR token:"
+
+
+def without_ocr_tokens(text: str) -> str:
+    """LLaVA's val_v051_ocr prompt without its "Reference OCR token: ..." line: the question,
+    then "Answer the question using a single word or phrase." (2 lines, which the score reads)."""
+    return "\n".join(line for line in text.split("\n") if not line.startswith(OCR_LINE))
+
+
+@BENCHMARKS.register("textvqa_no_ocr")
+class TextVQANoOCRBenchmark(TextVQABenchmark):
+    """TextVQA val asked without the OCR tokens (the same questions and scoring as textvqa)."""
+
+    @staticmethod
+    def questions(data: Path):
+        return [dataclasses.replace(q, text=without_ocr_tokens(q.text)) for q in TextVQABenchmark.questions(data)]

@@ -76,8 +76,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
 def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, report):
     stage = cfg.stages[name]
     template = processor.get_template(stage.template or cfg.model.template)  # checked against the tokenizer
-    checks = dict(verify_images=cfg.data.verify_images, allow_outside_paths=cfg.data.allow_outside_paths)
+    checks = dict(
+        verify_images=cfg.data.verify_images,
+        allow_outside_paths=cfg.data.allow_outside_paths,
+        cache=cfg.data.cache,
+        num_proc=cfg.data.num_proc or os.cpu_count() or 1,  # the main process tokenizes (a cache miss) alone
+    )
     workers = max(1, (os.cpu_count() or 1) // accel.num_processes)  # every process checks: share the CPUs
+
+    def dataset(source, images):
+        # the main process tokenizes a cache miss; the others wait, then map what it wrote
+        with accel.main_process_first():
+            return LlavaDataset(source, images, processor, template, stage.max_len, **checks, workers=workers)
+
     if stage.data.shapes is not None:
         s = cfg.shapes
         with accel.main_process_first():
@@ -90,8 +101,7 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, repo
                 n_pope=s.n_pope,
                 image_size=s.image_size or processor.image_processor.size,
             )
-        source, images = paths[stage.data.shapes], paths["images"]
-        return LlavaDataset(source, images, processor, template, stage.max_len, **checks, workers=workers)
+        return dataset(paths[stage.data.shapes], paths["images"])
 
     def read(json_path, images, instructize, tag):
         if instructize is not None:  # converted once per run, beside the shapes data
@@ -102,7 +112,7 @@ def _stage_data(cfg: RunConfig, name: str, processor, run_dir: Path, accel, repo
                     _, done = instructize_file(json_path, converted, InstructOptions.from_dict(instructize, tag))
                     report.note(f"{json_path}: instructized, {done.summary()}: {converted}")
             json_path = converted
-        return LlavaDataset(json_path, images, processor, template, stage.max_len, **checks, workers=workers)
+        return dataset(json_path, images)
 
     data = stage.data
     if data.datasets is None:
