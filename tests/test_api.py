@@ -267,6 +267,7 @@ KNOWN = {
     "templates": {"pretrain", "llama", "phi", "auto"},
     "benchmarks": {"shapes"},
     "accelerate": {"ddp", "fsdp2", "deepspeed-zero3-offload"},
+    "instruct": {"instruct-vqa", "instruct-mcvqa", "instruct-caption", "instruct-rec"},
 }
 
 
