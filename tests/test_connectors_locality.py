@@ -297,3 +297,32 @@ def test_the_readme_table_holds_the_real_counts():
             params, tokens = re.fullmatch(r"([\d,]+) \((\d+)\)", cell).groups()
             conn = build(name.strip("`"), dv, dl, n, "meta", **opts)
             assert (count(conn), conn.output_len(n)) == (int(params.replace(",", "")), int(tokens)), row
+
+
+@pytest.mark.parametrize(
+    "connector, tokens",
+    [
+        ("{type: c_abstractor, num_queries: 9, depth: 1, hidden_size: 16}", 9),  # the toy's 4 x 4 patches -> 3 x 3
+        ("{type: ldpv2, grid: 2}", 4),
+        ("{type: pixel_shuffle, factor: 2}", 4),
+    ],
+)
+def test_the_toy_with_each_connector_trains_saves_and_loads(connector, tokens, tmp_path):
+    from PIL import Image
+
+    from tinylmm.models.assemble import load
+
+    from conftest import model_inputs
+
+    model, proc = api.build("toy", [f"model.connector={connector}"])
+    img = Image.new("RGB", (64, 64), (200, 10, 10))
+    enc = proc.encode([("human", "<image>\nWhat is there?"), ("gpt", "a red square")], num_images=1)
+    assert enc.input_ids.count(model.image_token_id) == model.num_image_tokens == tokens
+    out = model(**model_inputs(proc, enc, img))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.connector.parameters())
+    model.eval().save(tmp_path / "ck", proc)
+    again, _ = load(tmp_path / "ck")
+    prompt = proc.prompt([("human", "<image>\nWhat is there?")], [img])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**prompt).logits, model(**prompt).logits)
