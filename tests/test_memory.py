@@ -497,3 +497,33 @@ def test_the_chunked_head_and_loss_is_8x_smaller_at_a_100k_vocabulary():
     unchunked, chunked = head_loss_bytes(0), head_loss_bytes(1024)
     assert unchunked > 11 * 2**30  # the 11.8 GiB the issue measured
     assert chunked * 8 <= unchunked
+
+
+@pytest.mark.parametrize(
+    "connector",
+    [
+        "{type: c_abstractor, num_queries: 4, depth: 1, hidden_size: 32}",
+        "{type: ldpv2, grid: 2}",
+        "{type: pixel_shuffle, factor: 2}",
+    ],
+)
+@pytest.mark.parametrize("stage, precision", [("pretrain", "fp32"), ("share", "bf16")])
+def test_locality_connectors_activation_estimate_matches_bytes_saved(connector, stage, precision, tmp_path):
+    """The toy with each connector of tests/test_connectors_locality.py: the whole forward,
+    and the connector's own part against its forward alone on the tower's real output."""
+    cfg, _ = resolve("toy", "share", [f"model.connector={connector}", f"train.precision={precision}"])
+    model = measure.stage_model(cfg, stage, tmp_path, precision)
+    batch = measure.make_batch(model, 2, 64)
+    K = measure.logit_positions(batch)
+    acts = mem.stage_activations(
+        mem.build_meta(cfg.model), cfg, stage, seq_len=64, precision=precision, device="cpu", logit_positions=K
+    )
+    with measure.autocast(precision):
+        feats = model.vision(batch["pixel_values"])
+    x = feats.detach().requires_grad_(feats.requires_grad)
+    with measure.SavedTensors(model.connector) as hook, measure.autocast(precision):
+        _out = model.connector(x)  # alive while the hook counts
+        alone = hook.total
+    assert alone > 0 and acts.saved(2, False)["connector"] + acts.connector_fixed == pytest.approx(alone, rel=0.01)
+    plain, _ = measure.measure_saved(model, batch, precision)
+    assert sum(acts.saved(2, False).values()) == pytest.approx(plain, rel=0.01)

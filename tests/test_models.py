@@ -152,10 +152,11 @@ def test_clip_cls_patch_keeps_cls():
 @pytest.mark.parametrize("name", list(CONNECTORS))
 def test_connectors(name):
     options = dict(num_queries=5, depth=2, num_heads=4) if name == "resampler" else {}
-    conn = build_connector(ConnectorSpec(type=name, **options), 32, 64)
+    conn = build_connector(ConnectorSpec(type=name, **options), 32, 64, num_patches=16)
     out = conn(torch.randn(2, 16, 32))
     assert out.shape == (2, conn.output_len(16), 64)
-    assert conn.output_len(16) == (5 if name == "resampler" else 16)
+    if name in ("linear", "mlp2x_gelu", "resampler"):  # the others: tests/test_connectors_*.py
+        assert conn.output_len(16) == (5 if name == "resampler" else 16)
 
 
 def test_unknown_connector_suggests():

@@ -121,7 +121,9 @@ def test_every_preset_shows_offline_and_its_recommendation_fits_24gb(described):
         p = d["params"]
         assert p["total"] == p["llm"] + p["vision"] + p["connector"]
         assert 0 < p["vision"] <= p["vision_full"], name
-        assert d["visual_tokens"] == (d["image"]["size"] // d["image"]["patch_size"]) ** 2, name
+        patches = (d["image"]["size"] // d["image"]["patch_size"]) ** 2
+        reduced = {"tinyllava-tinyllama-siglip-cabs-1.5b": 144, "tinyllava-phi2-clip-ldpv2-3.0b": 144}
+        assert d["visual_tokens"] == reduced.get(name, patches), name
         plan = d["plan"]
         assert plan["recipe"] == d["recommended"]["recipe"] and plan["tune"] == d["recommended"]["tune"]
         assert plan["fits"], (name, [(s["name"], s["peak"] / 2**30) for s in plan["stages"]])

@@ -515,8 +515,9 @@ def listing(kind: str) -> list[tuple[str, str]]:
         return [(n, instructize.describe(p)) for n, p in instructize.shipped().items()]
     if kind == "connectors":
         from tinylmm.models.connectors import CONNECTORS
+        from tinylmm.models.connectors.base import describe
 
-        return [(n, (c.__doc__ or "").strip().splitlines()[0]) for n, c in CONNECTORS.items()]
+        return [(n, describe(c)) for n, c in CONNECTORS.items()]
     from tinylmm.eval import BENCHMARKS
 
     return [(n, (b.__doc__ or "").strip().splitlines()[0]) for n, b in BENCHMARKS.items()]

@@ -12,13 +12,28 @@ from tinylmm.data.mixture import check_balance
 from tinylmm.data.templates import TEMPLATES
 from tinylmm.errors import ConfigError, unknown
 from tinylmm.eval.base import benchmark_that_can
-from tinylmm.models.connectors import connector_options
-from tinylmm.models.vision import VISION_BACKENDS
+from tinylmm.models.connectors import CONNECTORS, connector_options
+from tinylmm.models.connectors.base import check_patches
+from tinylmm.models.vision import VISION_BACKENDS, backend_of
 from tinylmm.schema import COMPONENTS, RunConfig
+
+
+def _check_connector_grid(cfg: RunConfig) -> None:
+    """A connector that needs a particular grid (pixel_shuffle's factor must divide its side)
+    is checked against the tower's, from its architecture on the meta device. A tower whose
+    architecture is not known offline is checked when it is built."""
+    if not hasattr(CONNECTORS.get(cfg.model.connector.type, "model.connector.type"), "check_patches"):
+        return
+    try:
+        tower = backend_of(cfg.model.vision).build(cfg.model.vision, device="meta")
+    except (ConfigError, ImportError):
+        return
+    check_patches(cfg.model.connector, tower.num_patches)
 
 
 def validate(cfg: RunConfig) -> None:
     connector_options(cfg.model.connector)
+    _check_connector_grid(cfg)
     VISION_BACKENDS.get(cfg.model.vision.backend, "model.vision.name_or_path").validate(cfg.model.vision)
     if cfg.model.vision.image_size is not None and cfg.model.vision.image_size <= 0:
         raise ConfigError(

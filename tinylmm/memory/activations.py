@@ -210,6 +210,14 @@ class ConnectorTrace:
     def lin(self, m) -> Linear:
         return Linear(m.in_features, m.out_features, self._wbytes(m.weight), self.trains(m.weight))
 
+    def conv(self, m) -> Linear:
+        """A convolution's weight for `Tracer.conv`: in x out elements (in: per output channel)."""
+        inp = m.weight.numel() // m.out_channels
+        return Linear(inp, m.out_channels, self._wbytes(m.weight), self.trains(m.weight))
+
+    def norm(self, weight) -> Norm:
+        return Norm(self._wbytes(weight), self.trains(weight))
+
     @staticmethod
     def tensor(n: float, b: float, grad: bool) -> Sym:
         return Sym(n, b, grad)

@@ -10,8 +10,11 @@ rules, each checked against torch by tests/test_memory.py and bench/memory_check
   one, counted in `fixed`);
 - autocast casts every matmul input to the half dtype: an fp32 input gets a new copy per
   matmul (q, k and v each keep one); norms and losses compute in fp32;
+- a convolution saves its input and its weight whenever its output needs a gradient (one
+  backward formula for both), so under autocast the half copy of an fp32 weight is saved;
 - on CUDA, autocast runs layer_norm in fp32 (a cast copy of a half input) and dropout
-  keeps a 1-byte mask; the CPU keeps the input dtype for both;
+  keeps a 1-byte mask; the CPU keeps the input dtype for both, and layer_norm's mean and
+  rstd are fp32 where input or weight is (the CPU kernel's mixed-type rule);
 - peft's LoRA layers cast their input to the adapter dtype (fp32), apply dropout, and
   lora_A / lora_B save their inputs; bitsandbytes k-bit layers save no activation;
 - sdpa saves q, k, v, the output and a logsumexp; with a padding mask also the mask in
@@ -148,6 +151,18 @@ class Tracer:
             self.widest = max(self.widest, y.n * y.b)
         return y
 
+    def conv(self, x: Sym, w: Linear) -> Sym:
+        """A stride-1 convolution, per output position; `w.inp x w.out` its weight's elements."""
+        grad = x.grad or w.trainable
+        xin = self.cast(x, self.c) if self.ac else x
+        if grad:
+            self.save(xin)
+            if self.ac and w.wbytes == 4:
+                copy = self.c * w.inp * w.out
+                self.cached += copy
+                self.fixed += copy
+        return Sym(w.out, self.c if self.ac else x.b, grad)
+
     def rmsnorm(self, x: Sym, w: Norm, groups: int = 1) -> Sym:
         """LlamaRMSNorm: x.float(); x * rsqrt(mean(x^2)); weight * normed.to(x.dtype).
         `groups`: rstds per token (Qwen3 normalises each attention head of q and k)."""
@@ -171,7 +186,8 @@ class Tracer:
         fp32 = self.ac and self.cuda  # CUDA autocast runs layer_norm in fp32
         xin = self.cast(x, 4) if fp32 else x
         if x.grad or w.trainable:
-            self.save(xin, Sym(2, 4 if self.cuda else xin.b, False))  # input, mean, rstd
+            stats = 4 if self.cuda or xin.b == 4 or w.wbytes == 4 else xin.b
+            self.save(xin, Sym(2, stats, False))  # input, mean, rstd
         return Sym(x.n, 4 if fp32 else (x.b if self.ac else 4), x.grad or w.trainable)
 
     def sdpa(

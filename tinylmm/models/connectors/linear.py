@@ -12,6 +12,7 @@ class LinearConnector(nn.Module):
     """LLaVA-1's single projection; one visual token per patch."""
 
     Options = NoOptions
+    tokens_out = "N (one per patch)"
 
     def __init__(self, options: NoOptions, vision_dim: int, llm_dim: int):
         super().__init__()

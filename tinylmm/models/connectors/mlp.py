@@ -12,6 +12,7 @@ class MLPConnector(nn.Module):
     """LLaVA-1.5 / TinyLLaVA projector: Linear-GELU-Linear (state-dict keys mlp.0, mlp.2)."""
 
     Options = NoOptions
+    tokens_out = "N (one per patch)"
 
     def __init__(self, options: NoOptions, vision_dim: int, llm_dim: int):
         super().__init__()

@@ -42,6 +42,7 @@ class ResamplerConnector(nn.Module):
     features through `depth` blocks, so M is fixed whatever the image resolution."""
 
     Options = ResamplerOptions
+    tokens_out = "M = num_queries"
 
     def __init__(self, options: ResamplerOptions, vision_dim: int, llm_dim: int):
         super().__init__()
