@@ -210,6 +210,10 @@ class ConnectorTrace:
     def lin(self, m) -> Linear:
         return Linear(m.in_features, m.out_features, self._wbytes(m.weight), self.trains(m.weight))
 
+    def norm(self, weight) -> Norm:
+        """A norm's (or any per-channel parameter's) storage bytes and trainability."""
+        return Norm(self._wbytes(weight), self.trains(weight))
+
     @staticmethod
     def tensor(n: float, b: float, grad: bool) -> Sym:
         return Sym(n, b, grad)

@@ -71,7 +71,7 @@ def assemble(
             llm.resize_token_embeddings(n_tok, mean_resizing=False)
             notes.append(f"embedding grown {rows:,} -> {n_tok:,} rows for <image> ({source})")
     with torch.device("meta") if on_meta else contextlib.nullcontext():
-        connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size)
+        connector = build_connector(spec.connector, tower.hidden_size, llm.config.hidden_size, tower.num_patches)
     if dtype is not None:
         connector.to(dtype)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1

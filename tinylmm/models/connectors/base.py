@@ -2,8 +2,9 @@
 
 A connector is an `nn.Module` registered under its exact name. It declares its options as
 a dataclass (`Options`; the keys of `model.connector` besides `type`), is built as
-`cls(options, vision_dim, llm_dim)`, says how many tokens it outputs (`output_len`), and
-tells the memory planner what its forward saves for backward: `trace(ctx)` replays the
+`cls(options, vision_dim, llm_dim)` (plus `num_patches=`, the tower's patch count, for a
+connector whose `__init__` takes it: a position embedding per patch), says how many tokens
+it outputs (`output_len`), and tells the memory planner what its forward saves for backward: `trace(ctx)` replays the
 forward on the planner's tracers (tinylmm/memory/activations.py, ConnectorTrace) and returns
 the output per visual token.
 """
@@ -11,6 +12,7 @@ the output per visual token.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,6 +41,8 @@ def connector_options(spec: ConnectorSpec):
     return from_dict(cls.Options, spec.options, "model.connector")
 
 
-def build_connector(spec: ConnectorSpec, vision_dim: int, llm_dim: int) -> nn.Module:
+def build_connector(spec: ConnectorSpec, vision_dim: int, llm_dim: int, num_patches: int | None = None) -> nn.Module:
     cls = CONNECTORS.get(spec.type, "model.connector.type")
+    if "num_patches" in inspect.signature(cls.__init__).parameters:
+        return cls(connector_options(spec), vision_dim, llm_dim, num_patches=num_patches)
     return cls(connector_options(spec), vision_dim, llm_dim)
