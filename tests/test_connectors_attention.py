@@ -205,16 +205,19 @@ def test_a_training_step_through_the_connector(connector, tmp_path):
 
 @pytest.mark.parametrize("kind, options", [("d_abstractor", SMALL_DABS), ("qformer", SMALL_QFORMER)])
 @pytest.mark.parametrize(
-    "stage, precision",
+    "stage, precision, frozen",
     [
-        ("pretrain", "fp32"),  # frozen tower: the features need no gradient
-        ("share", "fp32"),  # the tower trains: they do
-        ("share", "bf16"),  # autocast: half copies of the inputs and the fp32 weights
+        ("pretrain", "fp32", False),  # frozen tower: the features need no gradient
+        ("share", "fp32", False),  # the tower trains: they do
+        ("share", "bf16", False),  # autocast: half copies of the inputs and the fp32 weights
+        ("share", "fp32", True),  # a frozen connector the tower's gradients flow through
+        ("share", "bf16", True),  # the same, its weights stored in bf16
     ],
 )
-def test_connector_activations_match_bytes_saved_for_backward(kind, options, stage, precision, tmp_path):
+def test_connector_activations_match_bytes_saved_for_backward(kind, options, stage, precision, frozen, tmp_path):
     spec = "{" + ", ".join([f"type: {kind}"] + [f"{k}: {v}" for k, v in options.items()]) + "}"
-    cfg, _ = resolve("toy", "share", [f"model.connector={spec}", f"train.precision={precision}"])
+    extra = ["stages.share.tune.connector=frozen"] if frozen else []
+    cfg, _ = resolve("toy", "share", [f"model.connector={spec}", f"train.precision={precision}", *extra])
     model = measure.stage_model(cfg, stage, tmp_path, precision)
     B, size = 3, model.vision.image_size
     with measure.autocast(precision), torch.no_grad():
@@ -250,3 +253,38 @@ def test_whole_step_activations_with_the_connector_match(kind, options, tmp_path
     assert sum(acts.saved(2, True).values()) == pytest.approx(ckpt, rel=0.01)
     plan = mem.plan_run(cfg, device="cpu")
     assert all((KERNEL_NOTE in s.notes) == (kind == "d_abstractor") for s in plan.stages)
+
+
+@pytest.mark.parametrize(
+    "connector",
+    [
+        "{type: d_abstractor, num_queries: 4, layers: 1, heads: 2, points: 2, hidden_size: 32, intermediate_size: 32}",
+        "{type: qformer, num_queries: 5, layers: 2, heads: 2, hidden_size: 32, intermediate_size: 32}",
+    ],
+)
+def test_save_load_and_generate(connector, tmp_path):
+    from PIL import Image
+
+    from tinylmm.models.assemble import build_model, load
+
+    cfg, _ = resolve("toy", "share", TINY + [f"model.connector={connector}"])
+    model, proc = build_model(cfg.model)
+    model.eval()
+    prompt = proc.prompt([("human", "<image>\nWhat is there?")], [Image.new("RGB", (40, 30), (200, 10, 10))])
+    assert model.generate(**prompt, max_new_tokens=3, min_new_tokens=3).shape == (1, 3)
+    model.save(tmp_path / "ck", proc)
+    again, _ = load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**prompt).logits, model(**prompt).logits)
+
+
+@pytest.mark.parametrize("kind, options", [("d_abstractor", SMALL_DABS), ("qformer", SMALL_QFORMER)])
+def test_runs_in_bf16_without_autocast(kind, options):
+    conn = build_connector(ConnectorSpec(kind, **options), 32, 48, num_patches=16).to(torch.bfloat16)
+    out = conn(torch.randn(2, 16, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, options["num_queries"], 48)
+
+
+def test_a_tower_that_keeps_its_cls_token_is_told_to_drop_it():
+    with pytest.raises(ConfigError, match=r"577 patches are not a square grid.*select: patch"):
+        meta_connector("d_abstractor", 1024, 577)

@@ -128,7 +128,7 @@ class _DeformableCrossAttention(nn.Module):
         scale = torch.tensor([1 / grid[1], 1 / grid[0]], device=query.device)
         locations = reference[None, :, None, None, None, :].float() + offsets.float() * scale
         out = ms_deform_attn(value.float(), [grid], locations, weights)
-        return self.output_proj(out.contiguous())
+        return self.output_proj(out.to(query.dtype).contiguous())  # back to the stream's dtype
 
 
 class _DecoderLayer(nn.Module):
@@ -170,7 +170,8 @@ def grid_side(num_patches: int | None, connector: str) -> int:
     if side * side != num_patches:
         raise ConfigError(
             f"model.connector.type={connector}: the tower's {num_patches} patches are not a square grid; "
-            f"{connector} needs a sqrt(N) x sqrt(N) grid (e.g. 576 = 24 x 24, 729 = 27 x 27)"
+            f"{connector} needs a sqrt(N) x sqrt(N) grid (e.g. 576 = 24 x 24, 729 = 27 x 27; a tower that keeps "
+            "its CLS token, model.vision.select=cls_patch, has one more: use select: patch)"
         )
     return side
 
@@ -280,7 +281,7 @@ def _trace_layer(ctx, layer: _DecoderLayer, patches, queries, h, pos, v, ref):
     sampled = ctx.tensor(value.n * ca.points * ca.levels, 4, value_map.grad or grid.grad)
     w_copy = weights.like()  # the weights in the product's layout (a copy)
     out = q.mul(sampled, w_copy)
-    out = ctx.tensor(value.n, 4, out.grad)  # summed over the points, made contiguous
+    out = ctx.tensor(value.n, qc.b, out.grad)  # summed over the points, in the query's dtype, contiguous
     a = q.dropout(q.linear(out, lin(ca.output_proj)), p)
     h = q.layernorm(q.add(h, a), ctx.norm(layer.cross_attn_norm.weight))
     # the ReLU MLP: relu keeps its output, which fc2 keeps as its input (one tensor)
