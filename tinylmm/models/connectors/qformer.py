@@ -15,7 +15,8 @@ normalised; the text branch's feed-forward is removed, the queries' (`intermedia
 Where it differs, and why:
 - Random initialisation, never a hub download: TinyLLaVA reads bert-base-uncased's config
   from the hub (its weights are not loaded either: `BertModel(config=...)`); here the shape
-  is these options' defaults, so building it needs no network.
+  is these options' defaults, so building it needs no network. The queries start as
+  BERT's initializer range (normal, std 0.02); the linear layers keep PyTorch's default.
 - No dropout on the attention probabilities (BERT's 0.1): attention runs in
   `scaled_dot_product_attention`, whose dropout the planner cannot count; the hidden
   dropout (after each attention output and the MLP) is kept.
