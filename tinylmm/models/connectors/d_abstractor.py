@@ -153,6 +153,9 @@ class _DecoderLayer(nn.Module):
 
 @dataclass
 class DAbstractorOptions:
+    """`model.connector` keys of `d_abstractor`: M = num_queries tokens out, a perfect square
+    (its queries' grid; it may exceed N); the tower's grid must be square."""
+
     num_queries: int = 144  # visual tokens per image (M): a perfect square, the queries' grid
     layers: int = 6  # decoder layers
     heads: int = 8  # attention heads (self- and deformable cross-attention)

@@ -80,6 +80,8 @@ class _QFormerLayer(nn.Module):
 
 @dataclass
 class QFormerOptions:
+    """`model.connector` keys of `qformer`: M = num_queries tokens out, any number, any N."""
+
     num_queries: int = 128  # visual tokens per image (M): any number >= 1
     layers: int = 12  # BERT layers
     heads: int = 12
