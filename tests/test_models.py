@@ -149,14 +149,22 @@ def test_clip_cls_patch_keeps_cls():
     assert tower(torch.randn(1, 3, 32, 32)).shape[1] == 17 == tower.num_patches
 
 
+# small options for connectors whose defaults are real-size (tests/test_connectors_attention.py tests those)
+SMALL = {
+    "resampler": dict(num_queries=5, depth=2, num_heads=4),
+    "d_abstractor": dict(num_queries=4, layers=1, heads=2, points=2, hidden_size=32, intermediate_size=32),
+    "qformer": dict(num_queries=5, layers=2, heads=2, hidden_size=32, intermediate_size=32),
+}
+
+
 @pytest.mark.parametrize("name", list(CONNECTORS))
 def test_connectors(name):
-    options = dict(num_queries=5, depth=2, num_heads=4) if name == "resampler" else {}
+    options = SMALL.get(name, {})
     conn = build_connector(ConnectorSpec(type=name, **options), 32, 64, num_patches=16)
     out = conn(torch.randn(2, 16, 32))
     assert out.shape == (2, conn.output_len(16), 64)
-    if name in ("linear", "mlp2x_gelu", "resampler"):  # the others: tests/test_connectors_*.py
-        assert conn.output_len(16) == (5 if name == "resampler" else 16)
+    if name in ("linear", "mlp2x_gelu", "resampler", "d_abstractor", "qformer"):  # the others: their own tests
+        assert conn.output_len(16) == options.get("num_queries", 16)
 
 
 def test_unknown_connector_suggests():

@@ -216,6 +216,7 @@ class ConnectorTrace:
         return Linear(inp, m.out_channels, self._wbytes(m.weight), self.trains(m.weight))
 
     def norm(self, weight) -> Norm:
+        """A norm's (or any per-channel parameter's) storage bytes and trainability."""
         return Norm(self._wbytes(weight), self.trains(weight))
 
     @staticmethod
