@@ -291,9 +291,9 @@ def test_copy_recipe_copies_and_never_overwrites(tmp_path):
     dest = api.copy_recipe("base", tmp_path)
     base_text = recipes.load_recipe("base").path.read_text()
     assert dest == tmp_path / "base.yaml" and dest.read_text() == base_text
-    with pytest.raises(ConfigError, match="already exists; not overwriting"):
+    with pytest.raises(FileExistsError, match="already exists; not overwriting"):
         api.copy_recipe("base", tmp_path)
-    with pytest.raises(ConfigError, match="already exists; not overwriting"):
+    with pytest.raises(FileExistsError, match="already exists; not overwriting"):
         api.copy_recipe("share", dest)
     assert dest.read_text() == base_text
     mine = api.copy_recipe("share", tmp_path / "mine.yaml")

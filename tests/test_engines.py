@@ -41,7 +41,7 @@ def test_the_shipped_configs_are_listed_and_copied(tmp_path):
     assert rows["fsdp2"].startswith("FSDP2") and rows["deepspeed-zero3-offload"].startswith("DeepSpeed ZeRO-3")
     kind, path = api.copy_shipped("fsdp2", tmp_path)
     assert kind == "accelerate config" and path.read_text() == accelerate_configs.shipped()["fsdp2"].read_text()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         api.copy_shipped("fsdp2", tmp_path)
     assert api.copy_shipped("base", tmp_path)[0] == "recipe"
     with pytest.raises(ConfigError, match="unknown recipe.* 'fsdp'.*did you mean 'fsdp2'"):

@@ -252,7 +252,7 @@ def test_ls_and_cp_the_shipped_template_files(tmp_path):
     assert kind == "instruction templates" and path == tmp_path / "rec.yaml"
     assert path.read_text() == asset("instruct").joinpath("rec.yaml").read_text()
     assert load_templates("rec", path).templates == load_templates("rec").templates
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         api.copy_shipped("instruct-rec", tmp_path)
 
 

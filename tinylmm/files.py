@@ -39,3 +39,15 @@ def write_file_atomically(dest: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_new(src: Path, dest) -> Path:
+    """Copy the file `src` to `dest` (a file, or a directory to put it in) for editing; never
+    over an existing file (FileExistsError). Returns the copy's path."""
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / Path(src).name
+    if dest.exists():
+        raise FileExistsError(f"'{dest}' already exists; not overwriting it")
+    shutil.copyfile(src, dest)
+    return dest

@@ -9,10 +9,10 @@ launch it. `tinylmm ls accelerate` lists them, `tinylmm cp NAME DEST` copies one
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from tinylmm.errors import ConfigError, unknown
+from tinylmm.errors import unknown
+from tinylmm.files import copy_new
 from tinylmm.resources import asset
 
 
@@ -31,10 +31,4 @@ def copy(name: str, dest: str | Path) -> Path:
     table = shipped()
     if name not in table:
         raise unknown("accelerate config", name, table)
-    dest = Path(dest)
-    if dest.is_dir():
-        dest = dest / table[name].name
-    if dest.exists():
-        raise ConfigError(f"'{dest}' already exists; not overwriting it")
-    shutil.copyfile(table[name], dest)
-    return dest
+    return copy_new(table[name], dest)

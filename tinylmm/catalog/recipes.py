@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tinylmm.errors import ConfigError, unknown
+from tinylmm.files import copy_new
 from tinylmm.resources import resource
 from tinylmm.schema import RunConfig, StageConfig, from_dict, read_yaml
 
@@ -64,11 +64,4 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def copy_recipe(name: str, dest: str | Path) -> Path:
     """Copy a shipped recipe to `dest` for editing; never overwrites."""
-    src = load_recipe(name).path
-    dest = Path(dest)
-    if dest.is_dir():
-        dest = dest / src.name
-    if dest.exists():
-        raise ConfigError(f"'{dest}' already exists; not overwriting it")
-    shutil.copyfile(src, dest)
-    return dest
+    return copy_new(load_recipe(name).path, dest)

@@ -38,29 +38,47 @@ app = typer.Typer(
 )
 
 
+# options shared by the commands (one definition, one help text)
+MODEL_DIR = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final")
+BENCH = typer.Option("shapes", "--bench", "-b", help="benchmark name")
+DATA = typer.Option(
+    None, "--data", help="benchmark folder (LLaVA-1.5's eval layout; shapes: made on the fly if absent)"
+)
+IMAGES = typer.Option(None, "--images", help="image folder (default: where the layout keeps them, e.g. pope/val2014)")
+ANSWERS = typer.Option(
+    None,
+    "--answers",
+    help="answer file to write or resume, LLaVA's format (default <model_dir>/../eval/<bench>-answers.jsonl)",
+)
+BATCH_SIZE = typer.Option(None, help="questions per generation batch (shapes 32, else 8)")
+MAX_NEW_TOKENS = typer.Option(
+    None, help="answer length cap in tokens (shapes 8, LLaVA-Bench and MM-Vet 1024, else 128)"
+)
+RULE = typer.Option(None, "--rule", help="answer rule: llava (default) or lmms-eval where the benchmark has it")
+JUDGE_URL = typer.Option(
+    None, "--judge-url", help="LLaVA-Bench, MM-Vet: the judge's OpenAI-compatible API, e.g. https://api.openai.com/v1"
+)
+JUDGE_MODEL = typer.Option(
+    None, "--judge-model", help="LLaVA-Bench, MM-Vet: the judge model (LLaVA's: gpt-4-0314; MM-Vet's: gpt-4-0613)"
+)
+JUDGE_KEY_ENV = typer.Option(
+    None, "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
+)
+
+
 @app.command("run")
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
-    bench: str = typer.Option("shapes", "--bench", "-b", help="benchmark name"),
+    model_dir: Path = MODEL_DIR,
+    bench: str = BENCH,
     out: Optional[Path] = typer.Option(
         None, "--out", help="shapes: results JSON (default <model_dir>/../eval/<bench>.json)"
     ),
-    data: Optional[Path] = typer.Option(
-        None, "--data", help="benchmark folder (LLaVA-1.5's eval layout; shapes: made on the fly if absent)"
-    ),
-    images: Optional[Path] = typer.Option(
-        None, "--images", help="image folder (default: where the layout keeps them, e.g. pope/val2014)"
-    ),
-    answers: Optional[Path] = typer.Option(
-        None,
-        "--answers",
-        help="answer file to write or resume, LLaVA's format (default <model_dir>/../eval/<bench>-answers.jsonl)",
-    ),
+    data: Optional[Path] = DATA,
+    images: Optional[Path] = IMAGES,
+    answers: Optional[Path] = ANSWERS,
     limit: Optional[int] = typer.Option(None, "--limit", help="answer only the first N questions"),
-    batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
-    max_new_tokens: Optional[int] = typer.Option(
-        None, help="answer length cap in tokens (shapes 8, LLaVA-Bench and MM-Vet 1024, else 128)"
-    ),
+    batch_size: Optional[int] = BATCH_SIZE,
+    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
 ):
     """Answer a benchmark with a checkpoint: shapes is scored at once, a --data folder answered into a file.
 
@@ -96,37 +114,23 @@ def evaluate(
 
 @app.command(COMBINED, hidden=True)
 def answer_and_score(
-    model_dir: Path = typer.Argument(..., help="a checkpoint directory, e.g. runs/x/final"),
-    bench: str = typer.Option("shapes", "--bench", "-b", help="benchmark name"),
-    data: Optional[Path] = typer.Option(
-        None, "--data", help="benchmark folder (LLaVA-1.5's eval layout; shapes: made on the fly if absent)"
-    ),
-    rule: Optional[str] = typer.Option(
-        None, "--rule", help="answer rule: llava (default) or lmms-eval where the benchmark has it"
-    ),
+    model_dir: Path = MODEL_DIR,
+    bench: str = BENCH,
+    data: Optional[Path] = DATA,
+    rule: Optional[str] = RULE,
     out: Optional[Path] = typer.Option(
         None,
         "--out",
         help="scores JSON (default <answers stem>.scores.json beside the answers; shapes: its results JSON)",
     ),
-    images: Optional[Path] = typer.Option(
-        None, "--images", help="image folder (default: where the layout keeps them, e.g. pope/val2014)"
-    ),
-    answers: Optional[Path] = typer.Option(
-        None,
-        "--answers",
-        help="answer file to write or resume, LLaVA's format (default <model_dir>/../eval/<bench>-answers.jsonl)",
-    ),
+    images: Optional[Path] = IMAGES,
+    answers: Optional[Path] = ANSWERS,
     limit: Optional[int] = typer.Option(None, "--limit", help="answer only the first N questions (the rest: missing)"),
-    batch_size: Optional[int] = typer.Option(None, help="questions per generation batch (shapes 32, else 8)"),
-    max_new_tokens: Optional[int] = typer.Option(
-        None, help="answer length cap in tokens (shapes 8, LLaVA-Bench and MM-Vet 1024, else 128)"
-    ),
-    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="LLaVA-Bench, MM-Vet: the judge's API"),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="LLaVA-Bench, MM-Vet: the judge model"),
-    judge_key_env: Optional[str] = typer.Option(
-        None, "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
-    ),
+    batch_size: Optional[int] = BATCH_SIZE,
+    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
+    judge_url: Optional[str] = JUDGE_URL,
+    judge_model: Optional[str] = JUDGE_MODEL,
+    judge_key_env: Optional[str] = JUDGE_KEY_ENV,
 ):
     """`tinylmm eval MODEL`: answer a benchmark with a checkpoint, score the answers, print the table."""
     from rich.console import Console
@@ -206,23 +210,13 @@ def score(
         ..., "--data", help="the benchmark's folder in LLaVA-1.5's layout (playground/data/eval/<bench>)"
     ),
     answers: Path = typer.Option(..., "--answers", help="answer file, JSON lines in LLaVA's answer format"),
-    rule: Optional[str] = typer.Option(
-        None, "--rule", help="answer rule: llava (default) or lmms-eval where the benchmark has it"
-    ),
+    rule: Optional[str] = RULE,
     out: Optional[Path] = typer.Option(
         None, "--out", help="scores JSON (default <answers stem>.scores.json beside the answers)"
     ),
-    judge_url: Optional[str] = typer.Option(
-        None,
-        "--judge-url",
-        help="LLaVA-Bench, MM-Vet: the judge's OpenAI-compatible API, e.g. https://api.openai.com/v1",
-    ),
-    judge_model: Optional[str] = typer.Option(
-        None, "--judge-model", help="LLaVA-Bench, MM-Vet: the judge model (LLaVA's: gpt-4-0314; MM-Vet's: gpt-4-0613)"
-    ),
-    judge_key_env: Optional[str] = typer.Option(
-        None, "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
-    ),
+    judge_url: Optional[str] = JUDGE_URL,
+    judge_model: Optional[str] = JUDGE_MODEL,
+    judge_key_env: Optional[str] = JUDGE_KEY_ENV,
 ):
     """Score an answer file against a benchmark's official rule, without a model.
 

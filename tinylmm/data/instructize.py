@@ -50,7 +50,7 @@ from PIL import Image
 
 from tinylmm.data.templates.core import IMAGE_TOKEN
 from tinylmm.errors import ConfigError, DataError, did_you_mean, unknown
-from tinylmm.files import write_file_atomically
+from tinylmm.files import copy_new, write_file_atomically
 from tinylmm.resources import asset
 
 TASKS = ("vqa", "mcvqa", "caption", "rec")
@@ -190,13 +190,7 @@ def copy_templates(name: str, dest: str | Path) -> Path:
     table = shipped()
     if name not in table:
         raise unknown("instruction template file", name, table)
-    dest = Path(dest)
-    if dest.is_dir():
-        dest = dest / table[name].name
-    if dest.exists():
-        raise ConfigError(f"'{dest}' already exists; not overwriting it")
-    dest.write_text(table[name].read_text())
-    return dest
+    return copy_new(table[name], dest)
 
 
 def load_templates(task: str, path: str | Path | None = None) -> TemplateSet:
