@@ -114,7 +114,7 @@ def test_partial_layer_specs():
 def test_copy_recipe_never_overwrites(tmp_path):
     dest = copy_recipe("share", tmp_path / "mine.yaml")
     assert yaml.safe_load(dest.read_text()) == yaml.safe_load(load_recipe("share").path.read_text())
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         copy_recipe("share", dest)
     cfg, sources = resolve("toy", str(dest))
     assert cfg.recipe == "mine" and "share" in cfg.stages
