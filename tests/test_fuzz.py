@@ -621,6 +621,19 @@ def test_cli_bad_inputs_exit_2_with_one_named_line(monkeypatch, capsys, tmp_path
     zoo.unregister()
 
 
+def test_unknown_options_are_usage_errors_not_tracebacks(monkeypatch, capsys):
+    """click's usage errors, wherever typer keeps click (typer >= 0.29 vendors its own copy,
+    whose exceptions are not click's): the usage message and exit 2, never a traceback."""
+    for argv, option in [
+        (["train", "--bogus"], "--bogus"),
+        (["eval", "runs/x/final", "-o", "y"], "-o"),  # the model-first form of `eval`
+        (["eval", "run", "runs/x/final", "--bogus"], "--bogus"),
+    ]:
+        code, err = run_tinylmm(monkeypatch, capsys, *argv)
+        assert code == 2, (argv, err)
+        assert "Traceback" not in err and f"No such option: {option}" in err, (argv, err)
+
+
 def test_fuzzing_ran_bad_inputs(request):
     """Each fuzzer tried inputs that were refused and inputs that were accepted: the
     strategies reach both sides (run with the tests above; alone it has nothing to check)."""

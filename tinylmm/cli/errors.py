@@ -40,6 +40,20 @@ def _report(message: str) -> None:
     console.print(f"(process {os.environ.get('RANK')}) {message}", highlight=False)
 
 
+def _click_exception_types() -> tuple[type, ...]:
+    """click's ClickException, wherever typer's click lives: typer >= 0.29 carries its own
+    copy (`typer._click`), whose exceptions are not click's."""
+    import importlib
+
+    types = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            continue
+    return tuple(types)
+
+
 def run_cli(app) -> int:
     try:
         code = app(standalone_mode=False)  # click returns a typer.Exit's code here
@@ -54,13 +68,13 @@ def run_cli(app) -> int:
         _report(f"[yellow]interrupted:[/yellow] {escape(str(e))}")
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - sorted below
-        import click
+        import typer
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, _click_exception_types()):  # a usage error: click's own message, exit 2
             if is_main_process():
                 e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             return 1
         if isinstance(e, USER_ERRORS):
             from rich.markup import escape  # messages quote brackets: pip install 'tinylmm[openclip]'
