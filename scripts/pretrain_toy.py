@@ -5,21 +5,23 @@ tokenizer or the image preprocessing), loaded by `from_pretrained` like any hub 
 (`builtin:toy-llm`, `builtin:toy-siglip`), and a `manifest.json` beside them (seed, data
 sizes, steps, losses reached, held-out scores, sha256 of every file).
 
-- **The LLM** (LLaMA architecture, the toy tokenizer) learns the world from *text*: a scene
-  described in words where the image will later be, then questions about it and their
-  answers in the toy's chat template (TinyLLaVA's `llama`), captions, and plain-format
-  captions (the pretrain template's). Only the answers and captions are supervised, as in
-  instruction tuning: the skill is answering from what the context holds. The description
-  lists the objects in a random order and never states their number, so counting, reading
-  order and relations are worked out from the content, not copied.
+- **The LLM** (LLaMA architecture, the toy tokenizer) learns the world from *text*: a scene,
+  then questions about it and their answers in the toy's chat template (TinyLLaVA's
+  `llama`), captions, and plain-format captions (the pretrain template's), encoded by the
+  LMM's own processor. In most documents the scene sits where the LMM puts the image, as
+  16 slots in reading order (`CellSlots`: a cell's words " red" + " circle" summed, plus
+  row and column vectors); in the rest it is written in words. Only the answers and
+  captions are supervised, as in instruction tuning: the skill is answering from what the
+  context holds, and in the LMM the connector only has to put each patch's content there.
+  Counting, relations and absence are worked out from the slots, never stated.
 - **The vision tower** (SigLIP architecture) learns with SigLIP's own objective, the
   pairwise sigmoid image-text loss (Zhai et al. 2023; transformers' `SiglipModel`
   `return_loss=True`), on freshly rendered shapes images and their captions. The text side
   is a small SigLIP text tower used only here; only the vision tower is kept.
 
 Deterministic from `--seed` on one machine (data streams are seeded `random.Random`s, torch
-is seeded, and the thread count is fixed). The full run takes a few minutes on 2 CPU cores; the
-manifest records its wall time.
+is seeded, and the thread count is fixed; the manifest records it per part). The full run
+takes about half an hour on 2 CPU cores; the manifest records each part's wall time.
 
     python scripts/pretrain_toy.py                      # rebuild tinylmm/assets/toy
     python scripts/pretrain_toy.py --out /tmp/toy --llm-steps 20 --tower-steps 20   # a quick try
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_toy_tokenizer import build as build_tokenizer  # noqa: E402
 
 from tinylmm.data import shapes  # noqa: E402
-from tinylmm.data.templates import get_template, tokenize_with_labels  # noqa: E402
+from tinylmm.data.templates import IMAGE_TOKEN  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tinylmm" / "assets" / "toy"
 IGNORE = -100
@@ -89,51 +91,118 @@ TEXT_CONFIG = dict(
 
 # --- the LLM's text world ------------------------------------------------------------------
 
+# Most documents hold the scene where the LMM will put the image, in the form the LMM will
+# put it there: GRID x GRID slots in reading order at the image's token positions, one per
+# cell (what one visual token of the tower covers). A slot's vector is the sum of its
+# object's word embeddings (" red" + " circle", or a learnt `empty` vector) and learnt row
+# and column vectors: a visual token carries its patch's content and, through the tower's
+# position embeddings, its place; LLaMA's RoPE gives no absolute place of its own. The
+# slot vectors are kept only here: in the LMM the connector learns to produce them. The
+# other documents describe the scene in words.
+CELL_DOCUMENTS = 0.85
+# The spatial types read two keys and the grid: asked more often, as the instruction split does.
+LLM_QUESTION_WEIGHTS = {"position": 3.0, "relation": 3.0}
+
+
+class CellSlots(torch.nn.Module):
+    """The scene as GRID * GRID vectors: content word embeddings + row + column vectors."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.randn(shapes.GRID, hidden) * 0.02)
+        self.col = torch.nn.Parameter(torch.randn(shapes.GRID, hidden) * 0.02)
+        self.empty = torch.nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def forward(self, words: torch.nn.Embedding, content: torch.Tensor) -> torch.Tensor:
+        """content [n, GRID*GRID, 2]: the colour's and the shape's token id, -1 in an empty cell."""
+        filled = (content[..., 0] >= 0).unsqueeze(-1)
+        objects = words(content.clamp(min=0)).sum(-2)
+        place = (self.row[:, None] + self.col[None, :]).reshape(-1, self.row.shape[-1])
+        return torch.where(filled, objects, self.empty) + place
+
+
+def cell_content(scene: shapes.Scene, word_id) -> list[list[int]]:
+    content = [[-1, -1] for _ in shapes.CELLS]
+    for s in scene.shapes:
+        content[shapes.CELLS.index(s.cell)] = [word_id(s.color), word_id(s.shape)]
+    return content
+
 
 def describe(scene: shapes.Scene, rng: random.Random) -> str:
     """The scene in words, objects in a random order, their number unstated."""
     return "; ".join(shapes.placed(s) for s in rng.sample(scene.shapes, len(scene.shapes))) + "."
 
 
-def text_document(scene: shapes.Scene, rng: random.Random) -> tuple[str, list[tuple[int, int]]]:
-    """One training text and its supervised character spans: a chat about the described
-    scene (questions, or a caption request), or a plain-format caption."""
-    desc = describe(scene, rng)
+def document_turns(scene: shapes.Scene, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """One document as (template, turns) with `<image>` where the scene goes: a chat of
+    questions or a caption request, or the pretrain template's image-then-caption."""
     kind = rng.random()
-    if kind < 0.15:  # the pretrain template's layout: the image (here its description), the caption
-        return _plain(desc, shapes.caption(scene))
+    if kind < 0.15:
+        return "pretrain", [("human", IMAGE_TOKEN), ("gpt", shapes.caption(scene))]
     if kind < 0.3:
         turns = [(rng.choice(shapes.CAPTION_PROMPTS), shapes.caption(scene))]
     else:
-        turns = shapes.qa_turns(scene, rng, rng.randint(1, 6))
+        turns = shapes.qa_turns(scene, rng, rng.randint(1, 6), LLM_QUESTION_WEIGHTS)
     convs = []
     for i, (q, a) in enumerate(turns):
-        convs += [("human", (desc + "\n" if i == 0 else "") + q), ("gpt", a)]
-    return get_template("llama").render(convs, eos="</s>")
+        convs += [("human", (IMAGE_TOKEN + "\n" if i == 0 else "") + q), ("gpt", a)]
+    return "llama", convs
 
 
-def _plain(desc: str, caption: str) -> tuple[str, list[tuple[int, int]]]:
-    text = desc + "\n"
-    return text + caption + "\n", [(len(text), len(text) + len(caption) + 1)]
+class TextWorld:
+    """Encodes documents exactly as the LMM's processor encodes its samples (the toy's
+    template, `<image>` expanded to GRID * GRID positions), then fills the image positions
+    with the scene's slots, or writes the scene in words in place of `<image>`."""
 
+    def __init__(self, tokenizer):
+        from tinylmm.data.processor import ImageProcessor, Processor
 
-def encode_documents(tokenizer, n: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-    docs = []
-    for _ in range(n):
-        text, spans = text_document(shapes.make_scene(rng), rng)
-        ids, labels, _ = tokenize_with_labels(tokenizer, text, spans)
-        docs.append((ids, labels))
-    return docs
+        self.processor = Processor(
+            build_tokenizer(), ImageProcessor(IMAGE_SIZE, [0.5] * 3, [0.5] * 3), "llama", len(shapes.CELLS)
+        )
+        self.image_id = self.processor.image_token_id
+        self.pad_id = tokenizer.pad_token_id
 
+        def word_id(word: str) -> int:
+            (i,) = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            return i
 
-def pad_batch(docs, pad_id: int):
-    width = max(len(ids) for ids, _ in docs)
-    ids = torch.full((len(docs), width), pad_id)
-    labels = torch.full((len(docs), width), IGNORE)
-    mask = torch.zeros((len(docs), width), dtype=torch.long)
-    for i, (x, y) in enumerate(docs):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
+        self.word_id = word_id
+
+    def encode(self, scene: shapes.Scene, template: str, turns, rng: random.Random, cells: bool):
+        if not cells:
+            turns = [(r, t.replace(IMAGE_TOKEN, describe(scene, rng))) for r, t in turns]
+        enc = self.processor.encode(turns, self.processor.get_template(template))
+        return enc.input_ids, enc.labels, cell_content(scene, self.word_id) if cells else None
+
+    def documents(self, n: int, rng: random.Random) -> list:
+        docs = []
+        for _ in range(n):
+            scene = shapes.make_scene(rng)
+            template, turns = document_turns(scene, rng)
+            docs.append(self.encode(scene, template, turns, rng, cells=rng.random() < CELL_DOCUMENTS))
+        return docs
+
+    def batch(self, docs):
+        width = max(len(ids) for ids, _, _ in docs)
+        ids = torch.full((len(docs), width), self.pad_id)
+        labels = torch.full((len(docs), width), IGNORE)
+        mask = torch.zeros((len(docs), width), dtype=torch.long)
+        for i, (x, y, _) in enumerate(docs):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        content = torch.tensor([c for _, _, c in docs if c is not None], dtype=torch.long).reshape(
+            -1, len(shapes.CELLS), 2
+        )
+        return ids, labels, mask, content
+
+    def embed(self, model, slots: CellSlots, ids, content) -> torch.Tensor:
+        words = model.get_input_embeddings()
+        is_image = ids == self.image_id
+        x = words(ids.masked_fill(is_image, 0))
+        if content.numel():
+            filled = slots(words, content).reshape(-1, x.shape[-1])
+            x = x.masked_scatter(is_image.unsqueeze(-1), filled)
+        return x
 
 
 def length_buckets(docs, batch: int, rng: random.Random, pool: int = 50):
@@ -146,27 +215,27 @@ def length_buckets(docs, batch: int, rng: random.Random, pool: int = 50):
         yield from cuts
 
 
-def lm_loss(model, ids, labels, mask) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+def lm_loss(model, world: TextWorld, slots: CellSlots, ids, labels, mask, content) -> torch.Tensor:
+    embeds = world.embed(model, slots, ids, content)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
 @torch.no_grad()
-def text_qa_accuracy(model, tokenizer, n_scenes: int, rng: random.Random) -> dict[str, float]:
+def text_qa_accuracy(model, world: TextWorld, slots, n_scenes: int, rng: random.Random, cells: bool = True):
     """Held-out answers under teacher forcing: an answer counts when every token of it and
     its `</s>` is the argmax (what greedy decoding would produce), per question type."""
     model.eval()
     right, total = {t: 0 for t in shapes.QUESTION_TYPES}, {t: 0 for t in shapes.QUESTION_TYPES}
-    template = get_template("llama")
     for _ in range(n_scenes):
         scene = shapes.make_scene(rng)
         qtype = rng.choice(shapes.applicable(scene))
         q, a = shapes.ask(scene, qtype, rng)
-        text, spans = template.render([("human", describe(scene, rng) + "\n" + q), ("gpt", a)], eos="</s>")
-        ids, labels, _ = tokenize_with_labels(tokenizer, text, spans)
-        ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
-        pred = model(input_ids=ids_t).logits[0, :-1].argmax(-1)
-        target = labels_t[0, 1:]
+        ids, labels, mask, content = world.batch(
+            [world.encode(scene, "llama", [("human", IMAGE_TOKEN + "\n" + q), ("gpt", a)], rng, cells)]
+        )
+        pred = model(inputs_embeds=world.embed(model, slots, ids, content)).logits[0, :-1].argmax(-1)
+        target = labels[0, 1:]
         keep = target != IGNORE
         right[qtype] += bool((pred[keep] == target[keep]).all())
         total[qtype] += 1
@@ -175,28 +244,47 @@ def text_qa_accuracy(model, tokenizer, n_scenes: int, rng: random.Random) -> dic
 
 
 def pretrain_llm(
-    out: Path, tokenizer, *, seed: int, steps: int, batch: int, n_docs: int, lr: float, heldout: int
+    out: Path,
+    tokenizer,
+    *,
+    seed: int,
+    steps: int,
+    batch: int,
+    n_docs: int,
+    lr: float,
+    heldout: int,
+    probe_every: int = 0,
 ) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{k: v for k, v in LLM_CONFIG.items() if k != "model_type"})
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    docs = encode_documents(tokenizer, n_docs, random.Random(f"toy-llm/{seed}/docs"))
+    slots = CellSlots(cfg.hidden_size)
+    world = TextWorld(tokenizer)
+    docs = world.documents(n_docs, random.Random(f"toy-llm/{seed}/docs"))
     order = random.Random(f"toy-llm/{seed}/order")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    params = [*model.parameters(), *slots.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, warmup, steps))
     losses, batches = [], length_buckets(docs, batch, order)
+    t0 = time.perf_counter()
     for step in range(steps):
-        loss = lm_loss(model, *pad_batch(next(batches), tokenizer.pad_token_id))
+        loss = lm_loss(model, world, slots, *world.batch(next(batches)))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
-            print(f"  llm step {step + 1}/{steps} answer loss {loss.item():.4f}", flush=True)
-    accuracy = text_qa_accuracy(model, tokenizer, heldout, random.Random(f"toy-llm/{seed}/heldout"))
+            seconds = time.perf_counter() - t0
+            print(
+                f"  llm step {step + 1}/{steps} answer loss {np.mean(losses[-50:]):.4f} ({seconds:.0f} s)", flush=True
+            )
+        if probe_every and step and step % probe_every == 0:  # its own questions: the training draws nothing more
+            print("    probe:", text_qa_accuracy(model, world, slots, 300, random.Random("toy-llm/probe")), flush=True)
+    accuracy = text_qa_accuracy(model, world, slots, heldout, random.Random(f"toy-llm/{seed}/heldout"))
+    words = text_qa_accuracy(model, world, slots, heldout, random.Random(f"toy-llm/{seed}/heldout"), cells=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
@@ -208,6 +296,7 @@ def pretrain_llm(
         "answer_loss_last": round(float(np.mean(losses[-20:])), 4),
         "heldout_questions": heldout,
         "heldout_text_answer_accuracy": accuracy,
+        "heldout_text_answer_accuracy_words": words,
     }
 
 
@@ -312,10 +401,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--llm-steps", type=int, default=1600)
-    ap.add_argument("--llm-docs", type=int, default=40000)
+    ap.add_argument("--llm-steps", type=int, default=3000)
+    ap.add_argument("--llm-docs", type=int, default=60000)
+    ap.add_argument("--llm-batch-size", type=int, default=64)
+    ap.add_argument("--llm-lr", type=float, default=2e-3)
+    ap.add_argument("--probe-every", type=int, default=0, help="print held-out LLM answers every N steps")
     ap.add_argument("--tower-steps", type=int, default=800)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--tower-batch-size", type=int, default=128)
     ap.add_argument("--part", choices=["all", "llm", "siglip"], default="all", help="rebuild one part only")
     ap.add_argument("--tower-lr", type=float, default=1e-3)
     ap.add_argument("--heldout", type=int, default=600, help="held-out text questions (images: 256)")
@@ -334,10 +426,11 @@ def main(argv=None) -> dict:
                 tokenizer,
                 seed=args.seed,
                 steps=args.llm_steps,
-                batch=args.batch_size,
+                batch=args.llm_batch_size,
                 n_docs=args.llm_docs,
-                lr=3e-3,
+                lr=args.llm_lr,
                 heldout=args.heldout,
+                probe_every=args.probe_every,
             )
         else:
             print(f"toy SigLIP tower: {args.tower_steps} steps", flush=True)
@@ -346,7 +439,7 @@ def main(argv=None) -> dict:
                 tokenizer,
                 seed=args.seed,
                 steps=args.tower_steps,
-                batch=4 * args.batch_size,
+                batch=args.tower_batch_size,
                 lr=args.tower_lr,
                 heldout=min(256, args.heldout),
             )
@@ -354,11 +447,15 @@ def main(argv=None) -> dict:
     # Read the manifest only now: the two parts may be rebuilt by two processes at once.
     path = args.out / "manifest.json"
     old = json.loads(path.read_text()) if args.part != "all" and path.exists() else {}
-    if old.get("seed", args.seed) != args.seed or old.get("threads", args.threads) != args.threads:
-        raise SystemExit(f"{path} was made with another seed or thread count; rebuild both parts (--part all)")
+    if old.get("seed", args.seed) != args.seed:
+        raise SystemExit(f"{path} was made with another seed; rebuild both parts (--part all)")
+    threads = old.get("threads", {})
+    if isinstance(threads, int):  # an older manifest: one count for both parts
+        threads = {"llm": threads, "siglip": threads}
     manifest = {
         "seed": args.seed,
-        "threads": args.threads,
+        # per part: float sums depend on the thread count, so the same count gives the same bytes
+        "threads": {**threads, **dict.fromkeys(made, args.threads)},
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "commands": {**old.get("commands", {}), **dict.fromkeys(made, command)},

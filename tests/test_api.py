@@ -69,7 +69,7 @@ def test_load_gives_the_trained_model_and_its_processor(run):
     out, _ = run
     model, processor = api.load(out / "final")
     assert adapters.is_peft(model.llm)
-    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 3  # TINY: 4 layers, cut at -2
+    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 2  # TINY: 4 layers, cut at the toy's -3
     assert processor.num_image_tokens == model.num_image_tokens == 16  # (32 / 8) ** 2 patches
     with Image.open(eval_image(out)) as im:
         x = logits(model, processor, im.convert("RGB"))
@@ -255,7 +255,7 @@ def test_build_gives_a_fresh_model_and_takes_model_overrides():
     prefixed, _ = api.build("toy", ["model.connector.type=linear", "vision.feature_layer=-1"])
     assert isinstance(linear.connector, CONNECTORS.get("linear"))
     assert isinstance(prefixed.connector, CONNECTORS.get("linear"))
-    assert len(prefixed.vision.layers) == 4 and len(linear.vision.layers) == 3  # cut at -2 unless told
+    assert len(prefixed.vision.layers) == 4 and len(linear.vision.layers) == 2  # cut at the toy's -3 unless told
     with pytest.raises(ConfigError, match="unknown preset 'tyo'.*did you mean 'toy'"):
         api.build("tyo")
 

@@ -95,7 +95,7 @@ def test_layering_is_recorded_and_saved(tmp_path):
     dump_resolved(cfg, sources, path)
     text = path.read_text()
     assert "lr: 0.0005  # override" in text
-    assert "vision: partial:2  # preset:toy" in text
+    assert "vision: partial:1  # preset:toy" in text
     again = load_resolved(path)
     assert to_dict(again) == to_dict(cfg)
 

@@ -84,12 +84,57 @@ def test_descriptions_list_objects_without_their_number():
         assert all(f"{s.name} in {s.cell}" in text for s in scene.shapes)
 
 
+def test_the_llm_reads_the_scene_where_and_as_the_lmm_puts_the_image():
+    import tinylmm
+
+    script = load_script()
+    tokenizer = script.build_tokenizer()
+    world = script.TextWorld(tokenizer)
+    _, processor = tinylmm.build("toy")
+    rng = random.Random(1)
+    scene = shapes.Scene(
+        (shapes.Shape("red", "circle", "row 1, column 2"), shapes.Shape("blue", "square", "row 3, column 4"))
+    )
+    turns = [("human", "<image>\nWhere is the red circle?"), ("gpt", "row 1, column 2")]
+    ids, labels, content = world.encode(scene, "llama", turns, rng, cells=True)
+    lmm = processor.encode(turns)
+    assert (ids, labels) == (lmm.input_ids, lmm.labels)  # the LMM's exact sequence and labels
+    assert ids.count(world.image_id) == 16
+    # the slots: cell k holds its object's two word ids, reading order, -1 where empty
+    red, circle, blue, square = (
+        tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("red", "circle", "blue", "square")
+    )
+    assert content[1] == [red, circle] and content[11] == [blue, square]
+    assert sum(c == [-1, -1] for c in content) == 14
+    slots = script.CellSlots(8)
+    words = torch.nn.Embedding(512, 8)
+    vectors = slots(words, torch.tensor([content]))[0]
+    with torch.no_grad():
+        assert torch.allclose(vectors[1], words.weight[red] + words.weight[circle] + slots.row[0] + slots.col[1])
+        assert torch.allclose(vectors[0], slots.empty + slots.row[0] + slots.col[0])
+    ids_words, _, none = world.encode(scene, "llama", turns, rng, cells=False)  # the scene in words instead
+    assert none is None and world.image_id not in ids_words and len(ids_words) > len(ids) - 16
+
+
 @pytest.mark.slow
 def test_the_script_rebuilds_deterministically_in_a_tiny_setting(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
     script = load_script()
-    tiny = ["--llm-steps", "3", "--tower-steps", "2", "--llm-docs", "64", "--batch-size", "4", "--heldout", "8"]
+    tiny = [
+        "--llm-steps",
+        "3",
+        "--tower-steps",
+        "2",
+        "--llm-docs",
+        "64",
+        "--llm-batch-size",
+        "4",
+        "--tower-batch-size",
+        "4",
+        "--heldout",
+        "8",
+    ]
     a = script.main(["--out", str(tmp_path / "a"), *tiny])
     b = script.main(["--out", str(tmp_path / "b"), *tiny])
     assert a["sha256"] == b["sha256"] == shipped_files(tmp_path / "a")  # same seed, same bytes
