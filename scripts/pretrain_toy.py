@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_toy_tokenizer import build as build_tokenizer  # noqa: E402
 
 from tinylmm.data import shapes  # noqa: E402
+from tinylmm.data.processor import Encoded, ImageProcessor, Processor, collate  # noqa: E402
 from tinylmm.data.templates import IMAGE_TOKEN  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tinylmm" / "assets" / "toy"
@@ -155,8 +156,6 @@ class TextWorld:
     with the scene's slots, or writes the scene in words in place of `<image>`."""
 
     def __init__(self, tokenizer):
-        from tinylmm.data.processor import ImageProcessor, Processor
-
         self.processor = Processor(
             build_tokenizer(), ImageProcessor(IMAGE_SIZE, [0.5] * 3, [0.5] * 3), "llama", len(shapes.CELLS)
         )
@@ -184,16 +183,12 @@ class TextWorld:
         return docs
 
     def batch(self, docs):
-        width = max(len(ids) for ids, _, _ in docs)
-        ids = torch.full((len(docs), width), self.pad_id)
-        labels = torch.full((len(docs), width), IGNORE)
-        mask = torch.zeros((len(docs), width), dtype=torch.long)
-        for i, (x, y, _) in enumerate(docs):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        """Right-padded like the LMM's batches (the processor's `collate`), and the slots' content."""
+        padded = collate([Encoded(ids, labels, 0) for ids, labels, _ in docs], [], self.pad_id)
         content = torch.tensor([c for _, _, c in docs if c is not None], dtype=torch.long).reshape(
             -1, len(shapes.CELLS), 2
         )
-        return ids, labels, mask, content
+        return padded["input_ids"], padded["labels"], padded["attention_mask"], content
 
     def embed(self, model, slots: CellSlots, ids, content) -> torch.Tensor:
         words = model.get_input_embeddings()
