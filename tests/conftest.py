@@ -20,6 +20,8 @@ TINY = [
     "model.vision.name_or_path=null",
     "model.vision.config={model_type: siglip_vision_model, hidden_size: 32, intermediate_size: 64,"
     " num_hidden_layers: 4, num_attention_heads: 2, image_size: 32, patch_size: 8}",
+    # the recipes' cut (the toy's -3 suits its own pretrained tower): the tests' towers keep layers
+    "model.vision.feature_layer=-2",
     "shapes.n_caption=48",
     "shapes.n_instruct=48",
     "shapes.n_eval=12",

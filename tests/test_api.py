@@ -69,7 +69,7 @@ def test_load_gives_the_trained_model_and_its_processor(run):
     out, _ = run
     model, processor = api.load(out / "final")
     assert adapters.is_peft(model.llm)
-    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 2  # TINY: 4 layers, cut at the toy's -3
+    assert model.llm.config.hidden_size == 64 and len(model.vision.layers) == 3  # TINY: 4 layers, cut at -2
     assert processor.num_image_tokens == model.num_image_tokens == 16  # (32 / 8) ** 2 patches
     with Image.open(eval_image(out)) as im:
         x = logits(model, processor, im.convert("RGB"))

@@ -397,7 +397,7 @@ def test_activation_estimate_matches_bytes_saved_for_backward(tower, tune, preci
     # the tower's share of a whole step is a few percent: it is held to the truth on its own
     vision = (
         [SIGLIP_MID] if tower == "transformers" else ["model.vision.config=null", f"model.vision.name_or_path={tower}"]
-    )
+    ) + ["model.vision.feature_layer=-2"]  # the recipe's cut (the toy's -3 suits its own tower)
     cfg, _ = resolve(
         "toy", "share", [MID, *vision, f"stages.share.tune.vision={tune}", "lora.r=8", f"train.precision={precision}"]
     )
@@ -436,6 +436,7 @@ def test_short_training_run_with_an_open_clip_tower(tmp_path):
         "model.vision.config=null",
         "model.vision.name_or_path=open_clip:tinylmm-test-clip",
         "train.gradient_checkpointing=true",
+        "model.vision.feature_layer=-2",
         "stages.share.tune.vision=partial:1",  # its 3 layers, cut at -2
     ]
     llm = [o for o in TINY if not o.startswith("model.vision.")]
